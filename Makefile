@@ -1,0 +1,42 @@
+# ldm_tune developer targets. `make test` and `make demo` create .venv and install everything by themselves.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= outputs/demo
+
+.PHONY: install quality style test demo bench clean
+
+# torch first: `torch==2.13.0` resolves to the local CPU wheel here; a bare `torch` would pull a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quality: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+style: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# HF_HUB_OFFLINE=1: an accidental hub download fails loudly instead of hanging on this offline machine.
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+# Until the demo issue lands: build the tiny preset and sample from it (random weights, so the images are noise).
+demo: install
+	test -d $(DEMO_DIR)/model || HF_HUB_OFFLINE=1 $(VENV)/bin/ldm-tune init-model --preset tiny --out $(DEMO_DIR)/model --seed 0
+	HF_HUB_OFFLINE=1 $(VENV)/bin/ldm-tune generate --model $(DEMO_DIR)/model --prompt "a red circle" \
+		--negative-prompt "blurry" --scheduler dpm++ --steps 30 --seed 0 --num-images 4 --out $(DEMO_DIR)/samples
+
+bench: install
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_inference.py --out outputs/bench/inference.json
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

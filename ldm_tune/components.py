@@ -1,0 +1,185 @@
+"""Loading the components of a Stable-Diffusion-format model: local folder or hub id, safetensors only.
+
+A Stable-Diffusion-format model is a folder (or hub repository) with `model_index.json` and one subfolder per
+component: `unet/`, `vae/`, `text_encoder/` (each a config plus safetensors weights), `tokenizer/` and
+`scheduler/`. A training checkpoint's `unet/` folder can replace the base UNet.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+
+logger = logging.getLogger(__name__)
+
+# subfolder -> the files that make it usable (any one group of alternatives must be present).
+REQUIRED_FILES = {
+    "unet": (("config.json",), ("*.safetensors", "*.safetensors.index.json")),
+    "vae": (("config.json",), ("*.safetensors", "*.safetensors.index.json")),
+    "text_encoder": (("config.json",), ("*.safetensors", "*.safetensors.index.json")),
+    "tokenizer": (("tokenizer.json", "vocab.json"),),
+    "scheduler": (("scheduler_config.json",),),
+}
+SD_FOLDER_HELP = (
+    "A Stable-Diffusion-format folder holds model_index.json and the subfolders unet/, vae/, text_encoder/ "
+    "(each a config.json plus .safetensors weights), tokenizer/ (tokenizer.json or vocab.json + merges.txt) and "
+    "scheduler/ (scheduler_config.json). `ldm-tune init-model` writes one."
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class ModelComponents:
+    """The four models of a Stable Diffusion checkpoint plus its scheduler config."""
+
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    unet: UNet2DConditionModel
+    scheduler_config: dict
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` picks CUDA, then Apple MPS, then the CPU; anything else is passed to `torch.device`."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA (what SD checkpoints are made for), fp32 elsewhere (CPU half precision is slow or missing)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def is_hub_id(name: str) -> bool:
+    """True when `name` is shaped like `owner/repo` and is not an existing local path."""
+    return bool(_HUB_ID.match(name)) and not Path(name).exists()
+
+
+def _has(folder: Path, patterns: tuple[str, ...]) -> bool:
+    return any(any(folder.glob(pattern)) for pattern in patterns)
+
+
+def check_model_folder(path: str | os.PathLike) -> Path:
+    """Check that `path` is a complete Stable-Diffusion-format folder; one error lists everything missing."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"`pretrained_model_name_or_path` {str(path)!r} does not exist. {SD_FOLDER_HELP}")
+    if not path.is_dir():
+        raise NotADirectoryError(f"`pretrained_model_name_or_path` {str(path)!r} is not a folder. {SD_FOLDER_HELP}")
+    missing = []
+    for subfolder, groups in REQUIRED_FILES.items():
+        folder = path / subfolder
+        if not folder.is_dir():
+            missing.append(f"{subfolder}/")
+            continue
+        for patterns in groups:
+            if not _has(folder, patterns):
+                missing.append(f"{subfolder}/{' or '.join(patterns)}")
+    if missing:
+        bins = [p.parent.name for p in path.glob("*/*.bin")]
+        hint = (
+            f" The pickled .bin weights in {sorted(set(bins))} are not loaded: ldm_tune reads safetensors only."
+            if bins
+            else ""
+        )
+        raise FileNotFoundError(f"{str(path)!r} is missing {', '.join(missing)}.{hint} {SD_FOLDER_HELP}")
+    return path
+
+
+def load_unet(path: str | os.PathLike, **kwargs) -> UNet2DConditionModel:
+    """Load a UNet from a training checkpoint or output folder (holding `unet/`), or from a UNet folder itself."""
+    path = Path(path)
+    if (path / "unet" / "config.json").is_file():
+        return UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True, **kwargs)
+    if (path / "config.json").is_file() and _has(path, ("*.safetensors", "*.safetensors.index.json")):
+        return UNet2DConditionModel.from_pretrained(path, use_safetensors=True, **kwargs)
+    raise FileNotFoundError(
+        f"`checkpoint` {str(path)!r} holds no UNet: expected {str(path / 'unet')!r} with config.json and "
+        "safetensors weights (a training checkpoint or output folder), or a UNet folder itself."
+    )
+
+
+def load_components(
+    pretrained_model_name_or_path: str | os.PathLike,
+    *,
+    unet_path: str | os.PathLike | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    torch_dtype: torch.dtype | None = None,
+) -> ModelComponents:
+    """Load VAE, text encoder, tokenizer, UNet and scheduler config of a Stable-Diffusion-format model.
+
+    Args:
+        pretrained_model_name_or_path: a local folder, or a hub id such as `runwayml/stable-diffusion-v1-5`.
+        unet_path: optional training checkpoint (or UNet folder) whose UNet replaces the base one.
+        revision, variant, cache_dir: passed to `from_pretrained` (e.g. `variant="fp16"`).
+        torch_dtype: cast the loaded models to this dtype (default: keep the stored dtype promoted to fp32).
+
+    Only safetensors weights are read and no remote code is ever run.
+    """
+    source = str(pretrained_model_name_or_path)
+    if not is_hub_id(source):
+        check_model_folder(source)
+    dtype = torch_dtype or torch.float32
+    hub = {"revision": revision, "cache_dir": cache_dir}
+    weights = {**hub, "variant": variant, "use_safetensors": True}
+    try:
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **weights)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights).to(dtype=dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **hub)
+        # Any scheduler class reads scheduler_config.json; the dict keeps every key of the model's own config.
+        scheduler_config = dict(DDPMScheduler.load_config(source, subfolder="scheduler", **hub))
+        unet = (
+            load_unet(unet_path, torch_dtype=dtype)
+            if unet_path is not None
+            else UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **weights)
+        )
+    except OSError as error:
+        if not is_hub_id(source):
+            raise
+        raise OSError(
+            f"Could not load {source!r} from the Hugging Face hub (offline, unknown repository, or no "
+            f"safetensors weights): {error}. A local path must exist; {SD_FOLDER_HELP}"
+        ) from error
+    return ModelComponents(vae, text_encoder, tokenizer, unet, scheduler_config)
+
+
+def freeze(*models: torch.nn.Module) -> None:
+    """Switch models to eval mode and turn off their gradients (the frozen VAE and text encoder)."""
+    for model in models:
+        model.eval()
+        model.requires_grad_(False)
+
+
+def vae_scale_factor(vae: AutoencoderKL) -> int:
+    """Pixel size of one latent cell: 2 ** (number of VAE blocks - 1), 8 for Stable Diffusion."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def latents_to_vae_space(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Undo the latent normalisation before decoding: `z / scaling_factor (+ shift_factor when the VAE has one)`."""
+    latents = latents / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    return latents + shift if shift is not None else latents
+
+
+def vae_space_to_latents(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
+    """Normalise VAE latents for the UNet: `(z - shift_factor) * scaling_factor`, never a hard-coded 0.18215."""
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift is not None:
+        z = z - shift
+    return z * vae.config.scaling_factor

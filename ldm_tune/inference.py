@@ -1,0 +1,362 @@
+"""Text-to-image sampling with classifier-free guidance, shaped like a diffusers pipeline.
+
+`LDMInference` runs `check_inputs -> encode_prompt -> prepare_latents -> denoise -> decode` and gives the same
+images as `StableDiffusionPipeline` on the same components, scheduler and seed (tested for every registered
+scheduler). The trainer builds one from its in-memory components for validation images.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import secrets
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from ldm_tune.components import (
+    default_dtype,
+    freeze,
+    latents_to_vae_space,
+    load_components,
+    resolve_device,
+    vae_scale_factor,
+)
+from ldm_tune.outputs import save_generation
+from ldm_tune.schedulers import canonical_name, make_scheduler
+
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class GenerationParams:
+    """The arguments of one `generate` call that decide its images (written to the parameters JSON)."""
+
+    prompt: list[str]
+    negative_prompt: list[str]
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    guidance_rescale: float
+    eta: float
+    num_images_per_prompt: int
+    seed: int | None
+
+
+def _check_prompts(prompt, negative_prompt) -> tuple[list[str], list[str]]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"`prompt` must be a string or a list of strings, got {prompt!r}.")
+    if len(prompts) == 0:
+        raise ValueError("`prompt` must not be an empty list.")
+    if negative_prompt is None or isinstance(negative_prompt, str):
+        return list(prompts), [negative_prompt or ""] * len(prompts)
+    if not isinstance(negative_prompt, (list, tuple)) or not all(isinstance(n, str) for n in negative_prompt):
+        raise ValueError(f"`negative_prompt` must be a string or a list of strings, got {negative_prompt!r}.")
+    if len(negative_prompt) != len(prompts):
+        raise ValueError(
+            f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {len(prompts)}; pass one "
+            "negative prompt per prompt, or a single string for all."
+        )
+    return list(prompts), list(negative_prompt)
+
+
+class LDMInference:
+    """Generate images from a Stable-Diffusion-format model.
+
+    Args:
+        vae, text_encoder, tokenizer, unet: the model's components (not modified; a training UNet may be passed).
+        scheduler_config: the model's own scheduler config, from which every named scheduler is built.
+        scheduler: a registry name (see `ldm-tune schedulers`).
+        model_name, checkpoint: recorded in the parameters JSON so every image can be reproduced.
+    """
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        scheduler_config: dict,
+        scheduler: str = "dpm++",
+        model_name: str | None = None,
+        checkpoint: str | None = None,
+    ):
+        self.vae, self.text_encoder, self.tokenizer, self.unet = vae, text_encoder, tokenizer, unet
+        self.base_scheduler_config = dict(scheduler_config)
+        self.model_name, self.checkpoint = model_name, checkpoint
+        self.vae_scale_factor = vae_scale_factor(vae)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.set_scheduler(scheduler)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        checkpoint: str | None = None,
+        scheduler: str = "dpm++",
+        device: str | torch.device = "auto",
+        torch_dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        variant: str | None = None,
+    ) -> LDMInference:
+        """Load a Stable-Diffusion-format folder or hub id, optionally with a training checkpoint's UNet.
+
+        `device="auto"` picks CUDA, then MPS, then the CPU; the dtype defaults to fp16 on CUDA and fp32 elsewhere.
+        """
+        device = resolve_device(device)
+        dtype = torch_dtype or default_dtype(device)
+        components = load_components(
+            model, unet_path=checkpoint, revision=revision, variant=variant, torch_dtype=dtype
+        )
+        freeze(components.vae, components.text_encoder, components.unet)
+        pipe = cls(
+            components.vae,
+            components.text_encoder,
+            components.tokenizer,
+            components.unet,
+            components.scheduler_config,
+            scheduler,
+            model_name=str(model),
+            checkpoint=None if checkpoint is None else str(checkpoint),
+        )
+        return pipe.to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LDMInference:
+        """Move (and optionally cast) every model."""
+        for model in (self.vae, self.text_encoder, self.unet):
+            model.to(device) if dtype is None else model.to(device=device, dtype=dtype)
+        return self
+
+    def set_scheduler(self, name: str, **overrides) -> None:
+        """Swap the sampler, built from the model's own scheduler config (see `ldm_tune.schedulers`)."""
+        self.scheduler = make_scheduler(name, self.base_scheduler_config, **overrides)
+        self.scheduler_name = canonical_name(name)
+        self.scheduler_overrides = dict(overrides)
+
+    # 1. Check inputs. Raise error if not correct.
+    def check_inputs(self, params: GenerationParams, generator, callback, output_type) -> GenerationParams:
+        """Validate every argument; return `params` with prompts and negative prompts as lists of equal length."""
+        prompts, negatives = _check_prompts(params.prompt, params.negative_prompt)
+        for arg in ("height", "width"):
+            value = getattr(params, arg)
+            if not isinstance(value, int) or value <= 0 or value % self.vae_scale_factor:
+                raise ValueError(
+                    f"`{arg}` must be a positive multiple of {self.vae_scale_factor} (the VAE scale factor), "
+                    f"got {value!r}."
+                )
+        steps, max_steps = params.num_inference_steps, self.scheduler.config.num_train_timesteps
+        if not isinstance(steps, int) or not 1 <= steps <= max_steps:
+            raise ValueError(f"`num_inference_steps` must be an integer in [1, {max_steps}], got {steps!r}.")
+        guidance = params.guidance_scale
+        if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
+            raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {guidance!r}.")
+        if not isinstance(params.guidance_rescale, (int, float)) or not 0.0 <= params.guidance_rescale <= 1.0:
+            raise ValueError(f"`guidance_rescale` must be in [0, 1], got {params.guidance_rescale!r}.")
+        if not isinstance(params.eta, (int, float)) or params.eta < 0:
+            raise ValueError(f"`eta` must be a number >= 0, got {params.eta!r}.")
+        per_prompt = params.num_images_per_prompt
+        if not isinstance(per_prompt, int) or per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {per_prompt!r}.")
+        if params.seed is not None and generator is not None:
+            raise ValueError("Pass either `seed` or `generator`, not both.")
+        if params.seed is not None and (not isinstance(params.seed, int) or not 0 <= params.seed < 2**64):
+            raise ValueError(f"`seed` must be an integer in [0, 2**64), got {params.seed!r}.")
+        if callback is not None and not callable(callback):
+            raise ValueError(f"`callback` must be callable as callback(step, timestep, latents), got {callback!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}.")
+        return replace(params, prompt=prompts, negative_prompt=negatives)
+
+    # 2. Encode input prompt.
+    def _tokenize(self, texts: list[str]) -> torch.Tensor:
+        max_length = self.tokenizer.model_max_length
+        for text, ids in zip(texts, self.tokenizer(texts).input_ids, strict=True):
+            if len(ids) > max_length:
+                dropped = self.tokenizer.decode(ids[max_length - 1 : -1], skip_special_tokens=True)
+                logger.warning(
+                    "Prompt truncated to the tokenizer limit of %d tokens; dropped: %r (prompt: %r)",
+                    max_length,
+                    dropped,
+                    text,
+                )
+        padded = self.tokenizer(
+            texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        )
+        return padded.input_ids
+
+    def encode_prompt(
+        self, prompts: list[str], negatives: list[str], num_images_per_prompt: int, do_classifier_free_guidance: bool
+    ) -> torch.Tensor:
+        """Text embeddings for each image, `[negative; positive]` stacked when guidance is on."""
+        texts = negatives + prompts if do_classifier_free_guidance else prompts
+        ids = self._tokenize(texts).to(self.text_encoder.device)
+        embeds = self.text_encoder(ids)[0].to(dtype=self.text_encoder.dtype, device=self.device)
+        # Each prompt's embedding repeated num_images_per_prompt times in a row, as the diffusers pipeline does.
+        return embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
+    # 3. Prepare latent variables.
+    def prepare_latents(
+        self, batch_size: int, height: int, width: int, dtype: torch.dtype, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Initial Gaussian latents, scaled by the scheduler's initial sigma."""
+        shape = (
+            batch_size,
+            self.unet.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    def _extra_step_kwargs(self, generator: torch.Generator, eta: float) -> dict:
+        # Schedulers differ in what `step` accepts: only DDIM uses eta, only stochastic samplers a generator.
+        accepted = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs = {"eta": eta} if "eta" in accepted else {}
+        if "generator" in accepted:
+            kwargs["generator"] = generator
+        return kwargs
+
+    # 4. Denoising loop.
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        embeds: torch.Tensor,
+        num_inference_steps: int,
+        guidance_scale: float,
+        guidance_rescale: float,
+        eta: float,
+        generator: torch.Generator,
+        callback: Callable | None = None,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """Run the sampler from pure noise to clean latents; CFG in one batched UNet call."""
+        do_cfg = embeds.shape[0] == 2 * latents.shape[0]
+        step_kwargs = self._extra_step_kwargs(generator, eta)
+        for i, t in enumerate(tqdm(self.scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
+            model_input = torch.cat([latents] * 2) if do_cfg else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            noise_pred = self.unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            if do_cfg:
+                # Classifier-free guidance (Ho & Salimans 2022): move away from the unconditional prediction.
+                noise_uncond, noise_text = noise_pred.chunk(2)
+                noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+                if guidance_rescale > 0:
+                    # Fixes over-exposure at high guidance (arXiv 2305.08891, section 3.4).
+                    noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale=guidance_rescale)
+            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if callback is not None:
+                callback(i, t, latents)
+        return latents
+
+    # 5. Decode latents to images.
+    def decode(self, latents: torch.Tensor, output_type: str = "pil"):
+        """Decode latents with the VAE into images of `output_type` (`pil`, `np` or `pt`, values in [0, 1])."""
+        if output_type == "latent":
+            return latents
+        images = self.vae.decode(latents_to_vae_space(self.vae, latents).to(self.vae.dtype), return_dict=False)[0]
+        return self.image_processor.postprocess(images, output_type=output_type)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = "",
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 7.5,
+        guidance_rescale: float = 0.0,
+        eta: float = 0.0,
+        num_images_per_prompt: int = 1,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        output_path: str | Path | None = None,
+        callback: Callable | None = None,
+        output_type: str = "pil",
+        progress: bool = True,
+        save_grid: bool = False,
+    ):
+        """Generate images for one prompt or a list of prompts.
+
+        Args:
+            prompt: text, or a list of texts (one batch).
+            negative_prompt: what to steer away from: one string for all prompts or one per prompt.
+            height, width: image size, multiples of the VAE factor (default: the UNet's native size).
+            num_inference_steps: sampler steps. guidance_scale: CFG weight, guidance is off at <= 1.
+            guidance_rescale: 0-1, rescales CFG output (arXiv 2305.08891). eta: DDIM noise (0 = deterministic).
+            num_images_per_prompt: images per prompt, consecutive in the output.
+            seed: seeds a `torch.Generator` on the model's device (a random seed is drawn and recorded if None).
+            generator: a generator to use instead of `seed`.
+            output_path: folder to write PNGs and a JSON of every parameter into (never overwrites files).
+            callback: called as `callback(step, timestep, latents)` after every sampler step.
+            output_type: `pil` (default), `np`, `pt` or `latent`.
+            progress: show a progress bar. save_grid: also write a grid PNG (rows = prompts) into `output_path`.
+
+        Returns:
+            A list of PIL images (or an array/tensor for `np`/`pt`/`latent`), `num_images_per_prompt` per prompt.
+        """
+        native = self.unet.config.sample_size * self.vae_scale_factor
+        params = GenerationParams(
+            prompt,
+            negative_prompt,
+            native if height is None else height,
+            native if width is None else width,
+            num_inference_steps,
+            guidance_scale,
+            guidance_rescale,
+            eta,
+            num_images_per_prompt,
+            seed,
+        )
+        params = self.check_inputs(params, generator, callback, output_type)
+        if generator is None:
+            params.seed = secrets.randbits(63) if params.seed is None else params.seed
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        do_cfg = guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None
+        embeds = self.encode_prompt(params.prompt, params.negative_prompt, num_images_per_prompt, do_cfg)
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        batch_size = len(params.prompt) * num_images_per_prompt
+        latents = self.prepare_latents(batch_size, params.height, params.width, embeds.dtype, generator)
+        latents = self.denoise(
+            latents, embeds, num_inference_steps, guidance_scale, guidance_rescale, eta, generator, callback, progress
+        )
+        images = self.decode(latents, output_type)
+        if output_path is not None:
+            pil_images = images if output_type == "pil" else self.decode(latents, "pil")
+            self.last_output_files = save_generation(pil_images, self._record(params), output_path, grid=save_grid)
+        return images
+
+    __call__ = generate
+
+    def _record(self, params: GenerationParams) -> dict:
+        """Everything needed to reproduce an image: model, checkpoint, sampler and every argument."""
+        return {
+            "model": self.model_name,
+            "checkpoint": self.checkpoint,
+            **asdict(params),
+            "scheduler": self.scheduler_name,
+            "scheduler_overrides": self.scheduler_overrides,
+            "scheduler_config": dict(self.scheduler.config),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device),
+        }

@@ -1,0 +1,267 @@
+"""Model presets built in code: random-weight Stable-Diffusion-format folders, with no download.
+
+`tiny` is small enough for CPU tests and the demo (64 px images, 16x16x4 latents). `sd15-arch` reproduces the
+Stable Diffusion 1.5 component configurations exactly (UNet 859,520,964 parameters), so memory and speed can be
+measured at real size without the real weights. Both are written with `StableDiffusionPipeline.save_pretrained`,
+so what loads them afterwards is the real loading code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tokenizers import pre_tokenizers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ldm_tune.components import ModelComponents
+
+
+logger = logging.getLogger(__name__)
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+
+# The Stable Diffusion 1.5 scheduler config (runwayml/stable-diffusion-v1-5, scheduler/scheduler_config.json).
+# `clip_sample: False` matters: diffusers' DDPM/DDIM default to True, which clamps x0 to [-1, 1] at every step;
+# that is meant for pixels and silently ruins samples of a latent model (latents are not bounded).
+SD15_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "thresholding": False,
+    "trained_betas": None,
+}
+
+# Stable Diffusion 1.5 component configs (public config.json files of runwayml/stable-diffusion-v1-5).
+SD15_UNET = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-5,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "use_linear_projection": False,
+}
+SD15_VAE = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+# CLIP ViT-L/14 text tower. Its bos/eos/pad ids (0, 2, 1) are the legacy values of the released config; with
+# eos_token_id == 2 transformers pools at the highest token id, which our tokenizer gives to <|endoftext|>.
+SD15_TEXT_ENCODER = {
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-5,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "vocab_size": 49408,
+}
+
+# The tiny preset: 64 px images, a x4 VAE (16x16x4 latents), a two-resolution cross-attention UNet.
+TINY_UNET = {
+    "block_out_channels": [32, 64, 64],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "layers_per_block": 1,
+    "attention_head_dim": 4,
+    "cross_attention_dim": 32,
+    "norm_num_groups": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "sample_size": 16,
+}
+TINY_VAE = {
+    "block_out_channels": [32, 64, 64],
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "in_channels": 3,
+    "out_channels": 3,
+    "sample_size": 64,
+    # A random VAE has no measured latent scale; the VAE stage of the demo measures its own.
+    "scaling_factor": 1.0,
+}
+TINY_TEXT_ENCODER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 77,
+    "projection_dim": 32,
+    "hidden_act": "quick_gelu",
+}
+
+PRESETS = ("tiny", "sd15-arch")
+
+
+def build_tokenizer(words: Iterable[str] = (), model_max_length: int = 77) -> CLIPTokenizer:
+    """Build a CLIP BPE tokenizer offline.
+
+    The base vocabulary is the 256 byte-level symbols (each also with the `</w>` end-of-word suffix), so any UTF-8
+    text tokenizes without unknown tokens. Each word in `words` gets merges that make it one token, so a caption
+    vocabulary (e.g. the demo's colors and shapes) is encoded compactly. <|startoftext|> and <|endoftext|> take
+    the two highest ids, as in CLIP, because CLIP's legacy pooling picks the position of the highest id.
+    """
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for symbol in alphabet + [s + "</w>" for s in alphabet]:
+        vocab[symbol] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    for word in sorted({w.lower() for w in words if w.strip()}):
+        for piece, _ in byte_level.pre_tokenize_str(word):
+            symbols = list(piece)
+            symbols[-1] += "</w>"
+            # Merge left to right: (w0, w1) -> w0w1, (w0w1, w2) -> w0w1w2, ...
+            prefix = symbols[0]
+            for symbol in symbols[1:]:
+                if (prefix, symbol) not in merges:
+                    merges.append((prefix, symbol))
+                prefix = prefix + symbol
+                vocab.setdefault(prefix, len(vocab))
+    vocab[BOS_TOKEN] = len(vocab)
+    vocab[EOS_TOKEN] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def _seeded(seed: int, offset: int) -> None:
+    # One seed per component, as diffusers' get_dummy_components() does, so changing one model's config does not
+    # change the initial weights of the others.
+    torch.manual_seed(seed + offset)
+
+
+def build_tiny(seed: int = 0, words: Iterable[str] = ()) -> ModelComponents:
+    """Random-weight components of the `tiny` preset (CPU-fast, 64 px images)."""
+    tokenizer = build_tokenizer(words)
+    _seeded(seed, 0)
+    unet = UNet2DConditionModel(**TINY_UNET)
+    _seeded(seed, 1)
+    vae = AutoencoderKL(**TINY_VAE)
+    _seeded(seed, 2)
+    text_config = CLIPTextConfig(
+        **TINY_TEXT_ENCODER,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    return ModelComponents(vae, text_encoder, tokenizer, unet, dict(SD15_SCHEDULER))
+
+
+def build_sd15_arch(seed: int = 0, device: str | torch.device = "cpu") -> ModelComponents:
+    """Random-weight components with the exact Stable Diffusion 1.5 architecture.
+
+    `device="meta"` builds them without allocating weights (for parameter counts and memory planning).
+    """
+    tokenizer = build_tokenizer()
+    with torch.device(device):
+        _seeded(seed, 0)
+        unet = UNet2DConditionModel(**SD15_UNET)
+        _seeded(seed, 1)
+        vae = AutoencoderKL(**SD15_VAE)
+        _seeded(seed, 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER))
+    return ModelComponents(vae, text_encoder, tokenizer, unet, dict(SD15_SCHEDULER))
+
+
+def build_preset(preset: str, seed: int = 0) -> ModelComponents:
+    """Build the random-weight components of a named preset (`tiny` or `sd15-arch`)."""
+    if preset == "tiny":
+        return build_tiny(seed)
+    if preset == "sd15-arch":
+        return build_sd15_arch(seed)
+    raise ValueError(f"`preset` must be one of {list(PRESETS)}, got {preset!r}.")
+
+
+def _check_new_folder(out_dir: str | os.PathLike) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"`out` {str(out_dir)!r} already exists and is not an empty folder; choose a new path.")
+    return out_dir
+
+
+def save_model_folder(components: ModelComponents, out_dir: str | os.PathLike, dtype: torch.dtype | None = None):
+    """Write `components` as a Stable-Diffusion-format folder that `StableDiffusionPipeline.from_pretrained` loads.
+
+    The folder is written under a temporary name and renamed when complete, and an existing non-empty folder is
+    refused, so nothing the user had is overwritten and an interrupted write never looks like a model.
+    """
+    out_dir = _check_new_folder(out_dir)
+    scheduler = PNDMScheduler.from_config(components.scheduler_config)
+    pipeline = StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    if dtype is not None and dtype != torch.float32:
+        pipeline.to(dtype=dtype)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        pipeline.save_pretrained(tmp_dir, safe_serialization=True)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        os.replace(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    logger.info("Wrote %s", out_dir)
+    return out_dir
+
+
+def init_model(preset: str, out_dir: str | os.PathLike, seed: int = 0, dtype: torch.dtype | None = None) -> Path:
+    """Build a preset with random weights and save it as a Stable-Diffusion-format folder."""
+    out_dir = _check_new_folder(out_dir)
+    return save_model_folder(build_preset(preset, seed), out_dir, dtype=dtype)
