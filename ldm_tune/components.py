@@ -13,9 +13,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
+
+from ldm_tune.io_utils import check_new_folder, save_atomically
 
 
 logger = logging.getLogger(__name__)
@@ -116,6 +119,7 @@ def load_components(
     pretrained_model_name_or_path: str | os.PathLike,
     *,
     unet_path: str | os.PathLike | None = None,
+    unet: UNet2DConditionModel | None = None,
     revision: str | None = None,
     variant: str | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -126,6 +130,7 @@ def load_components(
     Args:
         pretrained_model_name_or_path: a local folder, or a hub id such as `runwayml/stable-diffusion-v1-5`.
         unet_path: optional training checkpoint (or UNet folder) whose UNet replaces the base one.
+        unet: an in-memory UNet to use instead of loading one (e.g. when exporting a trained model).
         revision, variant, cache_dir: passed to `from_pretrained` (e.g. `variant="fp16"`).
         torch_dtype: cast the loaded models to this dtype (default: keep the stored dtype promoted to fp32).
 
@@ -143,11 +148,10 @@ def load_components(
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **hub)
         # Any scheduler class reads scheduler_config.json; the dict keeps every key of the model's own config.
         scheduler_config = dict(DDPMScheduler.load_config(source, subfolder="scheduler", **hub))
-        unet = (
-            load_unet(unet_path, torch_dtype=dtype)
-            if unet_path is not None
-            else UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **weights)
-        )
+        if unet is None and unet_path is not None:
+            unet = load_unet(unet_path, torch_dtype=dtype)
+        elif unet is None:
+            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **weights)
     except OSError as error:
         if not is_hub_id(source):
             raise
@@ -156,6 +160,30 @@ def load_components(
             f"safetensors weights): {error}. A local path must exist; {SD_FOLDER_HELP}"
         ) from error
     return ModelComponents(vae, text_encoder, tokenizer, unet, scheduler_config)
+
+
+def save_model_folder(components: ModelComponents, out_dir: str | os.PathLike, replace: bool = False) -> Path:
+    """Write `components` as a Stable-Diffusion-format folder that `StableDiffusionPipeline.from_pretrained` loads.
+
+    Written under a temporary name and renamed when complete, so an interrupted write never looks like a model.
+    An existing non-empty `out_dir` is refused unless `replace` (for folders this tool owns, like `pipeline/`).
+    """
+    out_dir = Path(out_dir) if replace else check_new_folder(out_dir)
+    scheduler_class = getattr(diffusers, components.scheduler_config.get("_class_name", ""), diffusers.PNDMScheduler)
+    pipeline = diffusers.StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.unet,
+        scheduler=scheduler_class.from_config(components.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    save_atomically(lambda tmp: pipeline.save_pretrained(tmp, safe_serialization=True), out_dir)
+    logger.info("Wrote %s", out_dir)
+    return out_dir
 
 
 def freeze(*models: torch.nn.Module) -> None:

@@ -8,22 +8,18 @@ so what loads them afterwards is the real loading code.
 
 from __future__ import annotations
 
-import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ldm_tune.components import ModelComponents
+from ldm_tune.components import ModelComponents, save_model_folder
+from ldm_tune.io_utils import check_new_folder
 
-
-logger = logging.getLogger(__name__)
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -124,8 +120,9 @@ TINY_VAE = {
     "in_channels": 3,
     "out_channels": 3,
     "sample_size": 64,
-    # A random VAE has no measured latent scale; the VAE stage of the demo measures its own.
-    "scaling_factor": 1.0,
+    # Brings the random encoder's latents (std ~0.22 on natural and synthetic images) to about unit variance,
+    # the role 0.18215 plays for Stable Diffusion's VAE. A trained VAE measures its own.
+    "scaling_factor": 4.5,
 }
 TINY_TEXT_ENCODER = {
     "hidden_size": 32,
@@ -176,6 +173,16 @@ def _seeded(seed: int, offset: int) -> None:
     torch.manual_seed(seed + offset)
 
 
+def _make_posterior_sharp(vae: AutoencoderKL) -> None:
+    # A randomly initialised encoder predicts log-variance ~0, i.e. a posterior std of ~1 against a mean of std
+    # ~0.2: its latents would be almost pure sampling noise, which no UNet can learn. A trained VAE's posterior is
+    # nearly deterministic; make the random one so too (log-variance -20, std ~5e-5).
+    with torch.no_grad():
+        half = vae.quant_conv.out_channels // 2
+        vae.quant_conv.weight[half:].zero_()
+        vae.quant_conv.bias[half:].fill_(-20.0)
+
+
 def build_tiny(seed: int = 0, words: Iterable[str] = ()) -> ModelComponents:
     """Random-weight components of the `tiny` preset (CPU-fast, 64 px images)."""
     tokenizer = build_tokenizer(words)
@@ -183,6 +190,7 @@ def build_tiny(seed: int = 0, words: Iterable[str] = ()) -> ModelComponents:
     unet = UNet2DConditionModel(**TINY_UNET)
     _seeded(seed, 1)
     vae = AutoencoderKL(**TINY_VAE)
+    _make_posterior_sharp(vae)
     _seeded(seed, 2)
     text_config = CLIPTextConfig(
         **TINY_TEXT_ENCODER,
@@ -220,48 +228,11 @@ def build_preset(preset: str, seed: int = 0) -> ModelComponents:
     raise ValueError(f"`preset` must be one of {list(PRESETS)}, got {preset!r}.")
 
 
-def _check_new_folder(out_dir: str | os.PathLike) -> Path:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"`out` {str(out_dir)!r} already exists and is not an empty folder; choose a new path.")
-    return out_dir
-
-
-def save_model_folder(components: ModelComponents, out_dir: str | os.PathLike, dtype: torch.dtype | None = None):
-    """Write `components` as a Stable-Diffusion-format folder that `StableDiffusionPipeline.from_pretrained` loads.
-
-    The folder is written under a temporary name and renamed when complete, and an existing non-empty folder is
-    refused, so nothing the user had is overwritten and an interrupted write never looks like a model.
-    """
-    out_dir = _check_new_folder(out_dir)
-    scheduler = PNDMScheduler.from_config(components.scheduler_config)
-    pipeline = StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    if dtype is not None and dtype != torch.float32:
-        pipeline.to(dtype=dtype)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        pipeline.save_pretrained(tmp_dir, safe_serialization=True)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    logger.info("Wrote %s", out_dir)
-    return out_dir
-
-
 def init_model(preset: str, out_dir: str | os.PathLike, seed: int = 0, dtype: torch.dtype | None = None) -> Path:
     """Build a preset with random weights and save it as a Stable-Diffusion-format folder."""
-    out_dir = _check_new_folder(out_dir)
-    return save_model_folder(build_preset(preset, seed), out_dir, dtype=dtype)
+    out_dir = check_new_folder(out_dir)  # before building: sd15-arch takes a while
+    components = build_preset(preset, seed)
+    if dtype is not None and dtype != torch.float32:
+        for model in (components.vae, components.text_encoder, components.unet):
+            model.to(dtype=dtype)
+    return save_model_folder(components, out_dir)

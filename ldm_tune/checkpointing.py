@@ -1,0 +1,138 @@
+"""Crash-safe checkpoints and the final exports.
+
+A checkpoint is written by Accelerate's `save_state` into a hidden temporary folder; a marker file is written
+last and the folder is renamed to `checkpoint-N` only then. A kill at any moment therefore leaves every earlier
+checkpoint intact, and a half-written folder is never mistaken for a checkpoint: only `checkpoint-N` folders with
+the marker count, for resuming and for rotation (`checkpoints_total_limit` deletes only the oldest complete ones).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from pathlib import Path
+
+from ldm_tune.io_utils import replace_folder
+
+
+logger = logging.getLogger(__name__)
+
+MARKER = "ldm_tune_checkpoint.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointManager:
+    """Finds, writes, rotates and resolves the `checkpoint-N` folders of one output folder."""
+
+    def __init__(self, accelerator, output_dir: str | Path, total_limit: int | None = None):
+        self.accelerator, self.output_dir, self.total_limit = accelerator, Path(output_dir), total_limit
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints, oldest first."""
+        found = []
+        if self.output_dir.is_dir():
+            for path in self.output_dir.iterdir():
+                match = _CHECKPOINT.match(path.name)
+                if match and (path / MARKER).is_file():
+                    found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        found = self.complete()
+        return found[-1][1] if found else None
+
+    def resolve(self, resume_from_checkpoint: str | None) -> Path | None:
+        """`latest` -> the newest complete checkpoint (None if there is none); a path -> checked and returned."""
+        if resume_from_checkpoint is None:
+            return None
+        if resume_from_checkpoint == "latest":
+            return self.latest()
+        path = Path(resume_from_checkpoint)
+        if not path.is_absolute() and not path.exists():
+            path = self.output_dir / path
+        if not (path / MARKER).is_file():
+            complete = [str(p) for _, p in self.complete()]
+            raise ValueError(
+                f"`checkpointing.resume_from_checkpoint` {resume_from_checkpoint!r} is not a complete checkpoint "
+                f"(no {MARKER}); complete checkpoints in {str(self.output_dir)!r}: {complete or 'none'}."
+            )
+        return path
+
+    def remove_partial(self) -> None:
+        """Delete temporary folders left by a save that was killed (main process only)."""
+        if self.accelerator.is_main_process and self.output_dir.is_dir():
+            for path in self.output_dir.glob(".checkpoint-*.tmp"):
+                logger.warning("Removing %s, left by an interrupted checkpoint save.", path)
+                shutil.rmtree(path, ignore_errors=True)
+
+    def save(self, step: int, info: dict) -> Path:
+        """Save the full training state as `checkpoint-{step}` (all processes must call this)."""
+        final = self.output_dir / f"checkpoint-{step}"
+        tmp = self.output_dir / f".checkpoint-{step}.tmp"
+        if self.accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp), safe_serialization=True)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            # The marker goes last: its presence is what makes a folder a checkpoint.
+            (tmp / MARKER).write_text(json.dumps({**info, "step": step, "time": time.time()}, indent=2))
+            replace_folder(tmp, final)
+            self.rotate()
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def rotate(self) -> None:
+        """Keep the newest `total_limit` complete checkpoints; incomplete folders are never touched."""
+        if self.total_limit is None:
+            return
+        complete = self.complete()
+        for _, path in complete[: max(0, len(complete) - self.total_limit)]:
+            logger.info("Removing old checkpoint %s (checkpoints_total_limit=%d)", path, self.total_limit)
+            shutil.rmtree(path)
+
+
+def write_model_card(path: Path, config: dict, summary: dict) -> None:
+    """A README.md for the output folder: base model, data, steps, final losses and how to load it."""
+    model, data, training = config["model"], config["data"], config["training"]
+    data_source = data.get("train_data_dir") or data.get("dataset_name")
+    lines = [
+        "---",
+        "library_name: diffusers",
+        "tags: [stable-diffusion, text-to-image, ldm_tune]",
+        f"base_model: {model['pretrained_model_name_or_path']}",
+        "---",
+        "",
+        f"# Fine-tuned from {model['pretrained_model_name_or_path']}",
+        "",
+        "Trained with [ldm_tune](https://github.com/) (UNet fine-tune; VAE and text encoder frozen).",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | `{model['pretrained_model_name_or_path']}` |",
+        f"| data | `{data_source}` ({summary.get('train_items')} items, {data['resolution']} px) |",
+        f"| updates | {summary.get('global_step')} (batch {training['train_batch_size']} x accumulation "
+        f"{training['gradient_accumulation_steps']} x {summary.get('num_processes', 1)} processes) |",
+        f"| learning rate | {training['learning_rate']} ({training['lr_scheduler']}) |",
+        f"| mixed precision | {training['mixed_precision']} |",
+        f"| prediction type | {summary.get('prediction_type')} |",
+        f"| EMA | {training['use_ema']} |",
+        f"| final training loss | {summary.get('final_train_loss')} |",
+        f"| best validation loss | {summary.get('best_val_loss')} (step {summary.get('best_val_step')}) |",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from ldm_tune import LDMInference",
+        "",
+        f'pipe = LDMInference.from_pretrained("{path.parent / "pipeline"}")',
+        'images = pipe.generate("a prompt", seed=0)',
+        "```",
+        "",
+        "`pipeline/` also loads in `diffusers.StableDiffusionPipeline.from_pretrained`. The resolved training",
+        "configuration is in `config.yaml`, the metrics in `metrics.jsonl`.",
+    ]
+    path.write_text("\n".join(lines) + "\n")

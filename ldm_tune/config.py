@@ -1,0 +1,302 @@
+"""Training configuration: dataclasses loaded from YAML, with dotted `key=value` overrides from the command line.
+
+Leaf names follow diffusers' `train_text_to_image.py` (`pretrained_model_name_or_path`, `train_batch_size`, ...),
+grouped into sections: `model`, `data`, `training`, `checkpointing`, `validation`, `logging`, plus the top-level
+`output_dir` and `seed`. Unknown keys, wrong types and impossible values raise a `ValueError` before any model
+loads. `ldm-tune train --help-config` prints every key with its default and meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+def _f(default, doc: str):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": doc})
+    return field(default=default, metadata={"help": doc})
+
+
+@dataclass
+class ModelConfig:
+    pretrained_model_name_or_path: str = _f("", "Stable-Diffusion-format folder or hub id of the base model.")
+    revision: str | None = _f(None, "Hub revision of the base model.")
+    variant: str | None = _f(None, "Weights variant of the base model, e.g. fp16.")
+    prediction_type: str | None = _f(None, "epsilon or v_prediction; default: the model's scheduler config.")
+
+
+@dataclass
+class DataConfig:
+    train_data_dir: str | None = _f(None, "Image folder with metadata.jsonl (file_name + caption column).")
+    dataset_name: str | None = _f(None, "Hugging Face dataset name, or a local dataset path (save_to_disk/hub).")
+    dataset_config_name: str | None = _f(None, "Config (subset) of `dataset_name`.")
+    dataset_split: str = _f("train", "Split of `dataset_name` to train on.")
+    image_column: str = _f("image", "Column holding the image (file_name for imagefolder).")
+    caption_column: str = _f("text", "Column holding the caption; a list picks one caption at random.")
+    validation_split: float = _f(0.0, "Fraction of the training items held out for validation loss (0: none).")
+    validation_data_dir: str | None = _f(None, "A separate image folder for validation loss.")
+    max_train_samples: int | None = _f(None, "Use only the first N training items (debugging, quick runs).")
+    resolution: int = _f(512, "Training image size in pixels (multiple of 8).")
+    center_crop: bool = _f(False, "Center crop after resizing; random crop when false.")
+    random_flip: bool = _f(False, "Flip images horizontally with probability 0.5.")
+    image_interpolation_mode: str = _f("lanczos", "Resize filter: lanczos, bicubic, bilinear, box, nearest.")
+    caption_dropout: float = _f(0.1, "Probability of training on the empty caption (needed for CFG).")
+    dataloader_num_workers: int = _f(0, "DataLoader worker processes (0: load in the main process).")
+
+
+@dataclass
+class TrainingConfig:
+    train_batch_size: int = _f(16, "Batch size per device.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer update.")
+    max_train_steps: int | None = _f(None, "Optimizer updates in all; overrides num_train_epochs.")
+    num_train_epochs: int = _f(100, "Epochs, when max_train_steps is not set.")
+    learning_rate: float = _f(1e-4, "Peak learning rate (after warm-up).")
+    scale_lr: bool = _f(False, "Multiply the learning rate by batch size x accumulation x processes.")
+    lr_scheduler: str = _f(
+        "constant", "linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup."
+    )
+    lr_warmup_steps: int = _f(500, "Linear warm-up updates.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_weight_decay: float = _f(1e-2, "AdamW decoupled weight decay.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: off).")
+    mixed_precision: str = _f("no", "no, fp16 (CUDA only) or bf16; the UNet keeps fp32 master weights.")
+    gradient_checkpointing: bool = _f(False, "Recompute UNet activations in the backward pass to save memory.")
+    allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere+ GPUs.")
+    use_ema: bool = _f(False, "Keep an exponential moving average of the UNet weights (exported at the end).")
+    ema_decay: float = _f(0.9999, "Maximum EMA decay.")
+    snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (arXiv 2303.09556); 5.0 is recommended.")
+    noise_offset: float = _f(0.0, "Offset noise strength (crosslabs.org/blog/diffusion-with-offset-noise); ~0.05.")
+    input_perturbation: float = _f(0.0, "Input perturbation (arXiv 2301.11706); ~0.1.")
+    max_nonfinite_steps: int = _f(10, "Stop after this many non-finite losses in a row.")
+
+
+@dataclass
+class CheckpointingConfig:
+    checkpointing_steps: int = _f(500, "Save the full training state every N updates.")
+    checkpoints_total_limit: int | None = _f(None, "Keep only the newest N checkpoints.")
+    resume_from_checkpoint: str | None = _f(None, "latest, or a checkpoint folder, to continue a run.")
+
+
+@dataclass
+class ValidationConfig:
+    validation_steps: int = _f(500, "Compute validation loss and images every N updates (0: only at the end).")
+    validation_prompts: list[str] = _f([], "Prompts for validation images.")
+    validation_scheduler: str = _f("dpm++", "Sampler for validation images (see `ldm-tune schedulers`).")
+    validation_inference_steps: int = _f(25, "Sampling steps for validation images.")
+    validation_guidance_scale: float = _f(7.5, "Guidance scale for validation images.")
+    validation_negative_prompt: str = _f("", "Negative prompt for validation images.")
+    num_validation_images: int = _f(1, "Images per validation prompt.")
+    validation_seed: int = _f(0, "Seed of validation images and of the fixed validation-loss noise.")
+    validation_batch_size: int | None = _f(None, "Batch size of the validation loss (default: train_batch_size).")
+
+
+@dataclass
+class LoggingConfig:
+    report_to: str = _f("none", "none, tensorboard, wandb or all; metrics.jsonl is always written.")
+    logging_steps: int = _f(10, "Log metrics every N updates.")
+    tracker_project_name: str = _f("ldm-tune", "Project name for the trackers.")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("outputs/run", "Folder for checkpoints, samples, logs and the final model.")
+    seed: int = _f(0, "Seed of data order, augmentations, noise and timesteps.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+CHOICES = {
+    "model.prediction_type": (None, "epsilon", "v_prediction"),
+    "training.mixed_precision": ("no", "fp16", "bf16"),
+    "training.lr_scheduler": (
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    ),
+    "data.image_interpolation_mode": ("lanczos", "bicubic", "bilinear", "box", "nearest", "hamming"),
+    "logging.report_to": ("none", "tensorboard", "wandb", "all"),
+}  # fmt: skip
+
+
+def _is_section(tp) -> bool:
+    return dataclasses.is_dataclass(tp)
+
+
+def _coerce(key: str, value, tp):
+    """Check `value` against the annotation `tp`; ints are accepted for floats. Raises ValueError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(key, item, args[0]) for item in items]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string; accept it as the number it means.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ValueError(f"`{key}` must be of type {tp.__name__}, got {value!r} ({type(value).__name__}).")
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        where = f"section `{prefix.rstrip('.')}`" if prefix else "the top level"
+        raise ValueError(f"Unknown config key(s) {[prefix + k for k in unknown]} in {where}; valid keys: {names}.")
+    kwargs = {}
+    for name, value in values.items():
+        if _is_section(hints[name]):
+            if not isinstance(value, dict):
+                raise ValueError(f"`{prefix}{name}` must be a mapping of keys, got {value!r}.")
+            kwargs[name] = _build(hints[name], value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, value, hints[name])
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn `["training.learning_rate=1e-5", ...]` into a nested dict; values are typed by YAML."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(
+                f"Override {item!r} must look like `section.key=value`, e.g. training.learning_rate=1e-5."
+            )
+        key, raw = item.split("=", 1)
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"Override {item!r} conflicts with another override of `{part}`.")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return nested
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = (
+            _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Load a YAML config (or the defaults), apply dotted overrides, validate, return a `TrainConfig`."""
+    values = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"`--config` {str(path)!r} does not exist.")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"`--config` {str(path)!r} must hold a mapping of keys, got {type(values).__name__}.")
+    config = _build(TrainConfig, _merge(values, parse_overrides(list(overrides))))
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    """Refuse impossible values with a message naming the key, the value and what is allowed."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in allowed:
+            raise ValueError(f"`{key}` must be one of {list(allowed)}, got {value!r}.")
+    m, d, t, c, v = config.model, config.data, config.training, config.checkpointing, config.validation
+    if not m.pretrained_model_name_or_path:
+        raise ValueError("`model.pretrained_model_name_or_path` is required (a model folder or hub id).")
+    if (d.train_data_dir is None) == (d.dataset_name is None):
+        raise ValueError("Set exactly one of `data.train_data_dir` and `data.dataset_name`.")
+    if d.resolution <= 0 or d.resolution % 8:
+        raise ValueError(f"`data.resolution` must be a positive multiple of 8, got {d.resolution}.")
+    for key, value in (("data.validation_split", d.validation_split), ("data.caption_dropout", d.caption_dropout)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"`{key}` must be in [0, 1), got {value}.")
+    positive = {
+        "training.train_batch_size": t.train_batch_size,
+        "training.gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "training.num_train_epochs": t.num_train_epochs,
+        "training.max_train_steps": t.max_train_steps,
+        "training.max_nonfinite_steps": t.max_nonfinite_steps,
+        "checkpointing.checkpointing_steps": c.checkpointing_steps,
+        "checkpointing.checkpoints_total_limit": c.checkpoints_total_limit,
+        "validation.validation_inference_steps": v.validation_inference_steps,
+        "validation.num_validation_images": v.num_validation_images,
+        "validation.validation_batch_size": v.validation_batch_size,
+        "logging.logging_steps": config.logging.logging_steps,
+    }
+    for key, value in positive.items():
+        if value is not None and value < 1:
+            raise ValueError(f"`{key}` must be >= 1, got {value}.")
+    for key, value in (("training.learning_rate", t.learning_rate), ("training.lr_warmup_steps", t.lr_warmup_steps),
+                       ("training.max_grad_norm", t.max_grad_norm), ("training.noise_offset", t.noise_offset),
+                       ("training.input_perturbation", t.input_perturbation),
+                       ("validation.validation_steps", v.validation_steps)):  # fmt: skip
+        if value < 0:
+            raise ValueError(f"`{key}` must be >= 0, got {value}.")
+    if t.snr_gamma is not None and t.snr_gamma <= 0:
+        raise ValueError(f"`training.snr_gamma` must be > 0 (or null to turn min-SNR off), got {t.snr_gamma}.")
+    if not 0.0 < t.ema_decay < 1.0:
+        raise ValueError(f"`training.ema_decay` must be in (0, 1), got {t.ema_decay}.")
+    if t.mixed_precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "`training.mixed_precision` fp16 needs a CUDA GPU and none is available; use bf16 (CPUs with "
+                "bf16 support, Ampere+ GPUs) or no."
+            )
+    from ldm_tune.schedulers import canonical_name
+
+    canonical_name(v.validation_scheduler)  # raises with the list of valid names
+
+
+def to_dict(config: TrainConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again with `load_config`)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def describe_config() -> str:
+    """Every key with its type, default and meaning (for `ldm-tune train --help-config`)."""
+    lines = []
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if _is_section(hints[f.name]):
+                lines.append(f"\n{f.name}:")
+                walk(hints[f.name], f"{prefix}{f.name}.")
+                continue
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            lines.append(f"  {prefix}{f.name} = {default!r}\n      {f.metadata.get('help', '')}")
+
+    walk(TrainConfig, "")
+    return "\n".join(lines).strip()

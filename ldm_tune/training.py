@@ -1,0 +1,453 @@
+"""Fine-tuning the UNet of a Stable-Diffusion-format model under Accelerate.
+
+The VAE and text encoder are frozen and cast to the mixed-precision dtype; the UNet keeps fp32 master weights
+under Accelerate's autocast. The loop is split like guided-diffusion's TrainLoop:
+`run_loop -> run_step -> forward_backward`, with `evaluate`, `save` and `finish` beside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ldm_tune.checkpointing import CheckpointManager, write_model_card
+from ldm_tune.components import freeze, load_components, save_model_folder, vae_space_to_latents
+from ldm_tune.config import TrainConfig, save_config, to_dict
+from ldm_tune.data import EpochSampler, TextImageDataset, build_sources, collate
+from ldm_tune.data.dataset import VALIDATION_EPOCH
+from ldm_tune.io_utils import save_atomically
+from ldm_tune.losses import denoising_loss, draw
+from ldm_tune.tracking import MetricsLogger, make_accelerator_trackers
+
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after `max_nonfinite_steps` non-finite losses in a row."""
+
+
+@dataclass
+class TrainState:
+    """Counters saved with every checkpoint (registered with `accelerator.register_for_checkpointing`)."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed: where a resumed run picks up the data
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+    best_val_loss: float | None = None
+    best_val_step: int | None = None
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class Trainer:
+    """Builds everything from a `TrainConfig`; `train()` runs to `max_train_steps` and exports the model."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        t = config.training
+        self.output_dir = Path(config.output_dir)
+        log_with = make_accelerator_trackers(config.logging.report_to)
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            mixed_precision=t.mixed_precision,
+            log_with=log_with,
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
+            ),
+        )
+        self.checkpoints = CheckpointManager(
+            self.accelerator, self.output_dir, config.checkpointing.checkpoints_total_limit
+        )
+        self.resume_path = self._check_output_dir()
+        set_seed(config.seed)
+        if t.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self.state = TrainState()
+        self._load_models()
+        self._build_data()
+        self._build_optimization()
+        self.metrics = MetricsLogger(self.output_dir / "metrics.jsonl", self.accelerator)
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def _check_output_dir(self) -> Path | None:
+        """Never overwrite an earlier run: an output folder holding one must be resumed (or another chosen)."""
+        resume = self.checkpoints.resolve(self.config.checkpointing.resume_from_checkpoint)
+        if self.config.checkpointing.resume_from_checkpoint is None:
+            existing = [p.name for p in (self.output_dir.glob("checkpoint-*") if self.output_dir.is_dir() else [])]
+            existing += [name for name in ("unet", "pipeline") if (self.output_dir / name).exists()]
+            if existing:
+                raise ValueError(
+                    f"`output_dir` {str(self.output_dir)!r} already holds a run ({sorted(existing)[:3]}); set "
+                    "`checkpointing.resume_from_checkpoint=latest` to continue it, or choose a new `output_dir`."
+                )
+        elif resume is None:
+            logger.warning("No complete checkpoint in %s: starting a new run.", self.output_dir)
+        return resume
+
+    def _load_models(self) -> None:
+        m, t = self.config.model, self.config.training
+        components = load_components(m.pretrained_model_name_or_path, revision=m.revision, variant=m.variant)
+        self.components = components
+        self.tokenizer = components.tokenizer
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
+        # Frozen parts: no gradients, eval mode, half precision when mixed precision is on (they only run forward).
+        freeze(components.vae, components.text_encoder)
+        self.vae = components.vae.to(self.accelerator.device, dtype=self.weight_dtype)
+        self.text_encoder = components.text_encoder.to(self.accelerator.device, dtype=self.weight_dtype)
+        self.unet = components.unet
+        self.unet.train()
+        if t.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        # The training noise schedule is the model's own, with the chosen parameterisation.
+        self.prediction_type = m.prediction_type or components.scheduler_config.get("prediction_type", "epsilon")
+        self.scheduler_config = {**components.scheduler_config, "prediction_type": self.prediction_type}
+        self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
+        self.ema = None
+        if t.use_ema:
+            self.ema = EMAModel(self.unet.parameters(), decay=t.ema_decay, model_cls=UNet2DConditionModel,
+                                model_config=self.unet.config)  # fmt: skip
+            self.ema.to(self.accelerator.device)
+
+    def _make_dataset(self, source, train: bool) -> TextImageDataset:
+        d = self.config.data
+        return TextImageDataset(
+            source, self.tokenizer, d.resolution,
+            center_crop=d.center_crop or not train, random_flip=d.random_flip and train,
+            caption_dropout=d.caption_dropout if train else 0.0, seed=self.config.seed,
+            interpolation=d.image_interpolation_mode,
+        )  # fmt: skip
+
+    def _build_data(self) -> None:
+        d, t, v = self.config.data, self.config.training, self.config.validation
+        train_source, val_source = build_sources(d, self.config.seed)
+        self.train_items = len(train_source)
+        self.sampler = EpochSampler(len(train_source), seed=self.config.seed, shuffle=True)
+        self.train_loader = DataLoader(self._make_dataset(train_source, True), batch_size=t.train_batch_size,
+                                       sampler=self.sampler, collate_fn=collate, num_workers=d.dataloader_num_workers,
+                                       drop_last=False)  # fmt: skip
+        self.val_loader = None
+        if val_source is not None:
+            val_sampler = EpochSampler(len(val_source), seed=self.config.seed, shuffle=False, epoch=VALIDATION_EPOCH)
+            self.val_loader = DataLoader(self._make_dataset(val_source, False), sampler=val_sampler,
+                                         batch_size=v.validation_batch_size or t.train_batch_size, collate_fn=collate,
+                                         num_workers=d.dataloader_num_workers)  # fmt: skip
+
+    def _build_optimization(self) -> None:
+        t, acc = self.config.training, self.accelerator
+        lr = t.learning_rate
+        if t.scale_lr:
+            lr *= t.train_batch_size * t.gradient_accumulation_steps * acc.num_processes
+        kwargs = {"lr": lr, "betas": (t.adam_beta1, t.adam_beta2), "weight_decay": t.adam_weight_decay,
+                  "eps": t.adam_epsilon}  # fmt: skip
+        # Fused AdamW (one kernel for all parameters) on CUDA; the multi-tensor foreach path elsewhere.
+        kwargs["fused" if acc.device.type == "cuda" else "foreach"] = True
+        optimizer = torch.optim.AdamW(self.unet.parameters(), **kwargs)
+        self.unet, self.optimizer, self.train_loader = acc.prepare(self.unet, optimizer, self.train_loader)
+        if self.val_loader is not None:
+            self.val_loader = acc.prepare(self.val_loader)
+        self.updates_per_epoch = math.ceil(len(self.train_loader) / t.gradient_accumulation_steps)
+        self.max_train_steps = t.max_train_steps or t.num_train_epochs * self.updates_per_epoch
+        # A prepared scheduler steps once per process per update (diffusers PR #8312), so scale its lengths.
+        lr_scheduler = get_scheduler(t.lr_scheduler, optimizer=self.optimizer,
+                                     num_warmup_steps=t.lr_warmup_steps * acc.num_processes,
+                                     num_training_steps=self.max_train_steps * acc.num_processes)  # fmt: skip
+        self.lr_scheduler = acc.prepare(lr_scheduler)
+        acc.register_for_checkpointing(self.state)
+        acc.register_save_state_pre_hook(self._save_model_hook)
+        acc.register_load_state_pre_hook(self._load_model_hook)
+
+    # The UNet goes into checkpoints in diffusers format (unet/, unet_ema/), so a checkpoint is also loadable
+    # for inference (`LDMInference.from_pretrained(model, checkpoint=...)`); the diffusers example does the same.
+    def _save_model_hook(self, models, weights, output_dir) -> None:
+        if self.accelerator.is_main_process:
+            for model in models:
+                self.accelerator.unwrap_model(model).save_pretrained(
+                    Path(output_dir) / "unet", safe_serialization=True
+                )
+                weights.pop()
+            if self.ema is not None:
+                self.ema.save_pretrained(Path(output_dir) / "unet_ema")
+
+    def _load_model_hook(self, models, input_dir) -> None:
+        while models:
+            model = self.accelerator.unwrap_model(models.pop())
+            loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet", use_safetensors=True)
+            model.load_state_dict(loaded.state_dict())
+        if self.ema is not None:
+            loaded = EMAModel.from_pretrained(Path(input_dir) / "unet_ema", UNet2DConditionModel)
+            self.ema.load_state_dict(loaded.state_dict())
+            self.ema.to(self.accelerator.device)
+
+    # ------------------------------------------------------------------------------------------------- loop
+    def train(self) -> dict:
+        """Resume if asked, run to `max_train_steps`, export; returns a summary dict."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self._config_path())
+        self.checkpoints.remove_partial()
+        if self.resume_path is not None:
+            acc.load_state(str(self.resume_path))
+            logger.info("Resumed from %s at step %d", self.resume_path, self.state.global_step)
+        acc.init_trackers(self.config.logging.tracker_project_name, config=_flat_scalars(to_dict(self.config)))
+        try:
+            self.run_loop()
+        finally:
+            acc.end_training()
+        return self.finish()
+
+    def _config_path(self) -> Path:
+        # Keep the config of every (re)start: a resumed run with changed settings does not hide the original.
+        path = self.output_dir / "config.yaml"
+        return path if not path.exists() else self.output_dir / f"config-resume-step-{self.state.global_step}.yaml"
+
+    def run_loop(self) -> None:
+        """Iterate epochs and batches until `max_train_steps` updates; resumes mid-epoch at the saved position."""
+        if self.state.batch_in_epoch >= len(self.train_loader):
+            self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
+        self.progress = tqdm(total=self.max_train_steps, initial=self.state.global_step, desc="training",
+                             disable=not self.accelerator.is_local_main_process)  # fmt: skip
+        self.window = torch.zeros(3, device=self.accelerator.device)  # loss sum, count, non-finite count
+        self.step_started = time.perf_counter()
+        while self.state.global_step < self.max_train_steps:
+            self.sampler.start_epoch(self.state.epoch)
+            loader = self.train_loader
+            if self.state.batch_in_epoch:
+                loader = self.accelerator.skip_first_batches(self.train_loader, self.state.batch_in_epoch)
+            for batch in loader:
+                self.state.batch_in_epoch += 1
+                if self.run_step(batch) and self.state.global_step >= self.max_train_steps:
+                    break
+            else:
+                self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
+        self.progress.close()
+
+    def run_step(self, batch: dict) -> bool:
+        """One micro-batch; at the end of an accumulation window, update, then log/evaluate/save. True if updated."""
+        acc, t = self.accelerator, self.config.training
+        with acc.accumulate(self.unet):
+            loss = self.forward_backward(batch)
+            finite = torch.isfinite(loss)
+            self.window += torch.stack([torch.where(finite, loss, 0.0), torch.ones_like(loss), (~finite).float()])
+            if not acc.sync_gradients:
+                return False
+            loss_sum, count, nonfinite = acc.reduce(self.window, reduction="sum").tolist()
+            self.window.zero_()
+            grad_norm = None
+            if nonfinite == 0:
+                if t.max_grad_norm > 0:
+                    grad_norm = acc.clip_grad_norm_(self.unet.parameters(), t.max_grad_norm)
+                self.optimizer.step()
+            # A non-finite loss skips the update: its gradients are discarded here, on every process alike.
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if nonfinite == 0 and self.ema is not None:
+            self.ema.step(self.unet.parameters())
+        self.state.global_step += 1
+        self._after_update(loss_sum / max(count - nonfinite, 1), nonfinite > 0, grad_norm)
+        return True
+
+    def forward_backward(self, batch: dict) -> torch.Tensor:
+        """Loss of one micro-batch, back-propagated (Accelerate scales it for accumulation and mixed precision)."""
+        loss = self.compute_losses(batch, seed=self.config.seed).mean()
+        self.accelerator.backward(loss)
+        return loss.detach()
+
+    def compute_losses(self, batch: dict, seed: int) -> torch.Tensor:
+        """Per-item denoising losses of a batch: encode with the frozen parts, noise, predict."""
+        t = self.config.training
+        with torch.no_grad():
+            posterior = self.vae.encode(batch["pixel_values"].to(self.weight_dtype)).latent_dist
+            draws = draw(batch["keys"].cpu(), tuple(posterior.mean.shape[1:]), self.noise_scheduler.config.num_train_timesteps,
+                         seed, t.noise_offset, t.input_perturbation)  # fmt: skip
+            eps = draws.posterior_eps.to(posterior.mean.device, posterior.mean.dtype)
+            latents = vae_space_to_latents(self.vae, posterior.mean + posterior.std * eps).float()
+            encoder_hidden_states = self.text_encoder(batch["input_ids"], return_dict=False)[0]
+        return denoising_loss(self.unet, self.noise_scheduler, latents, encoder_hidden_states, draws,
+                              self.prediction_type, t.snr_gamma, t.input_perturbation)  # fmt: skip
+
+    def _after_update(self, loss: float, skipped: bool, grad_norm) -> None:
+        state, cfg = self.state, self.config
+        now = time.perf_counter()
+        t = cfg.training
+        samples = t.train_batch_size * t.gradient_accumulation_steps * self.accelerator.num_processes
+        samples_per_s = samples / max(now - self.step_started, 1e-9)
+        self.step_started = now
+        self._count_nonfinite(skipped)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.progress.update(1)
+        self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}")
+        if state.global_step % cfg.logging.logging_steps == 0 or state.global_step == self.max_train_steps:
+            record = {"step": state.global_step, "epoch": state.epoch, "loss": None if skipped else loss, "lr": lr,
+                      "samples_per_s": samples_per_s, "nonfinite_total": state.nonfinite_total}  # fmt: skip
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            self.metrics.log(record)
+        self.last_train_loss = None if skipped else loss
+        v = cfg.validation
+        last = state.global_step == self.max_train_steps
+        if last or (v.validation_steps and state.global_step % v.validation_steps == 0):
+            self.validate()
+        if last or state.global_step % cfg.checkpointing.checkpointing_steps == 0:
+            self.save()
+        self.step_started = time.perf_counter()  # validation and saving are not training time
+
+    def _count_nonfinite(self, skipped: bool) -> None:
+        state = self.state
+        if not skipped:
+            state.nonfinite_in_row = 0
+            return
+        state.nonfinite_in_row += 1
+        state.nonfinite_total += 1
+        logger.warning(
+            "Non-finite loss at step %d: update skipped (%d in a row).", state.global_step, state.nonfinite_in_row
+        )
+        if state.nonfinite_in_row >= self.config.training.max_nonfinite_steps:
+            last = self.checkpoints.latest()
+            raise NonFiniteLossError(
+                f"The loss was not finite for {state.nonfinite_in_row} updates in a row, the last at step "
+                f"{state.global_step}; stopping. Last good checkpoint: {str(last) if last else 'none'}. Try a lower "
+                "`training.learning_rate`, bf16 instead of fp16, or `training.max_grad_norm`."
+            )
+
+    # --------------------------------------------------------------------------------- evaluate, save, finish
+    def evaluate(self) -> float | None:
+        """Validation loss with fixed noise and timesteps (keyed by the validation seed), comparable across steps."""
+        if self.val_loader is None:
+            return None
+        self.unet.eval()
+        losses = []
+        with torch.no_grad(), self._ema_weights():
+            for batch in self.val_loader:
+                per_item = self.compute_losses(batch, seed=self.config.validation.validation_seed)
+                losses.append(self.accelerator.gather_for_metrics(per_item))
+        self.unet.train()
+        return torch.cat(losses).mean().item()
+
+    def validate(self) -> None:
+        """Validation loss (keeping the best UNet in `best/`) and validation images."""
+        state = self.state
+        val_loss = self.evaluate()
+        if val_loss is not None:
+            self.metrics.log({"step": state.global_step, "val_loss": val_loss})
+            if state.best_val_loss is None or val_loss < state.best_val_loss:
+                state.best_val_loss, state.best_val_step = val_loss, state.global_step
+                self._save_unet(self.output_dir / "best", {"step": state.global_step, "val_loss": val_loss})
+        self.make_validation_images()
+
+    def make_validation_images(self) -> None:
+        v = self.config.validation
+        if not v.validation_prompts or not self.accelerator.is_main_process:
+            self.accelerator.wait_for_everyone()
+            return
+        from ldm_tune.inference import LDMInference
+        from ldm_tune.tracking import log_images
+
+        unet = self.accelerator.unwrap_model(self.unet)
+        pipe = LDMInference(self.vae, self.text_encoder, self.tokenizer, unet, self.scheduler_config,
+                            scheduler=v.validation_scheduler, model_name=self.config.model.pretrained_model_name_or_path,
+                            checkpoint=f"step {self.state.global_step}")  # fmt: skip
+        unet.eval()
+        with self._ema_weights(), self.accelerator.autocast():
+            images = pipe.generate(v.validation_prompts, negative_prompt=v.validation_negative_prompt,
+                                   num_inference_steps=v.validation_inference_steps,
+                                   guidance_scale=v.validation_guidance_scale, num_images_per_prompt=v.num_validation_images,
+                                   seed=v.validation_seed, output_path=self.output_dir / "samples" / f"step-{self.state.global_step}",
+                                   save_grid=True, progress=False)  # fmt: skip
+        unet.train()
+        log_images(self.accelerator, images, v.validation_prompts, v.num_validation_images, self.state.global_step)
+        self.accelerator.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        """Evaluate and export with the EMA weights when EMA is on, then restore the training weights."""
+        if self.ema is None:
+            yield
+            return
+        params = list(self.unet.parameters())
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
+    def _save_unet(self, folder: Path, info: dict) -> None:
+        if self.accelerator.is_main_process:
+            unet = self.accelerator.unwrap_model(self.unet)
+
+            def write(tmp: Path) -> None:
+                with self._ema_weights():
+                    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+                (tmp / "info.json").write_text(json.dumps(info, indent=2))
+
+            save_atomically(write, folder)
+        self.accelerator.wait_for_everyone()
+
+    def save(self) -> Path:
+        """Checkpoint the full training state (see `CheckpointManager.save`)."""
+        info = {"epoch": self.state.epoch, "batch_in_epoch": self.state.batch_in_epoch}
+        path = self.checkpoints.save(self.state.global_step, info)
+        self.metrics.log({"step": self.state.global_step, "checkpoint": path.name})
+        return path
+
+    def finish(self) -> dict:
+        """Export `unet/` (EMA weights when on), `pipeline/` and the model card."""
+        acc, state = self.accelerator, self.state
+        summary = {"global_step": state.global_step, "train_items": self.train_items,
+                   "final_train_loss": getattr(self, "last_train_loss", None), "best_val_loss": state.best_val_loss,
+                   "best_val_step": state.best_val_step, "nonfinite_total": state.nonfinite_total,
+                   "prediction_type": self.prediction_type, "num_processes": acc.num_processes}  # fmt: skip
+        if acc.is_main_process:
+            unet = acc.unwrap_model(self.unet)
+            with self._ema_weights():
+                save_atomically(
+                    lambda tmp: unet.save_pretrained(tmp, safe_serialization=True), self.output_dir / "unet"
+                )
+                m = self.config.model
+                base = load_components(
+                    m.pretrained_model_name_or_path, revision=m.revision, variant=m.variant, unet=unet
+                )
+                base.scheduler_config = self.scheduler_config  # the trained prediction type travels with the model
+                save_model_folder(base, self.output_dir / "pipeline", replace=True)
+            write_model_card(self.output_dir / "README.md", to_dict(self.config), summary)
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        acc.wait_for_everyone()
+        return summary
+
+
+def _flat_scalars(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat_scalars(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            flat[prefix + key] = "none" if value is None else value
+    return flat
+
+
+def train(config: TrainConfig) -> dict:
+    """Train with `config` and return a summary (steps, losses)."""
+    return Trainer(config).train()
