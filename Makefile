@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= outputs/demo
 
-.PHONY: install quality style test demo bench clean
+.PHONY: install quality style test demo bench train-tiny clean
 
 # torch first: `torch==2.13.0` resolves to the local CPU wheel here; a bare `torch` would pull a CUDA build.
 $(STAMP): pyproject.toml
@@ -37,6 +37,14 @@ demo: install
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_inference.py --out outputs/bench/inference.json
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_training.py --out outputs/bench/training.json
+
+# configs/tiny.yaml end to end on the CPU: builds the tiny model and the shapes data when missing.
+train-tiny: install
+	test -d outputs/models/tiny || $(VENV)/bin/ldm-tune init-model --preset tiny --out outputs/models/tiny
+	test -d outputs/data/shapes || $(VENV)/bin/ldm-tune make-dataset shapes --out outputs/data/shapes --n 1000
+	HF_HUB_OFFLINE=1 $(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu.yaml train.py \
+		--config configs/tiny.yaml checkpointing.resume_from_checkpoint=latest
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

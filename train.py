@@ -1,17 +1,12 @@
-"""Training entry point: `accelerate launch train.py --config configs/<name>.yaml [dotted.key=value ...]`.
+"""Training entry point: `accelerate launch train.py --config configs/<name>.yaml [section.key=value ...]`.
 
-The trainer itself lands with the trainer issue; until then this script says so instead of pretending to train.
+Also runs as `python train.py ...`; `ldm-tune train ...` is the same code.
 """
 
 import sys
 
-
-def main() -> int:
-    print(
-        "ldm_tune: the trainer is not built yet (see the trainer issue); `ldm-tune generate` works.", file=sys.stderr
-    )
-    return 2
+from ldm_tune.cli import main
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))

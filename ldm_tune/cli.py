@@ -1,4 +1,4 @@
-"""The `ldm-tune` command line: `init-model`, `schedulers`, `generate`."""
+"""The `ldm-tune` command line: `train`, `generate`, `init-model`, `make-dataset`, `schedulers`."""
 
 from __future__ import annotations
 
@@ -69,13 +69,36 @@ def _add_generate(sub) -> None:
     parser.add_argument("--out", required=True, help="Folder for the PNGs, the grid and the parameters JSON.")
 
 
+def _add_train(sub) -> None:
+    parser = sub.add_parser(
+        "train",
+        help="Fine-tune the UNet (same code as `accelerate launch train.py`).",
+        description="Train from a YAML config; override any key with section.key=value, e.g. training.learning_rate=1e-5.",
+    )
+    parser.add_argument("--config", help="YAML config file (see configs/); defaults apply to missing keys.")
+    parser.add_argument("--help-config", action="store_true", help="Print every config key with its default and exit.")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Dotted overrides of config keys.")
+
+
+def _add_make_dataset(sub) -> None:
+    parser = sub.add_parser("make-dataset", help="Write a procedural image-caption dataset (image folders).")
+    parser.add_argument("kind", choices=["shapes"], help="shapes: coloured geometric shapes with captions.")
+    parser.add_argument("--out", required=True, help="New folder; gets train/ and validation/ image folders.")
+    parser.add_argument("--n", type=int, default=1000, help="Number of images in all.")
+    parser.add_argument("--size", type=int, default=64, help="Image size in pixels.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed (the dataset is deterministic for a seed).")
+    parser.add_argument("--validation-fraction", type=float, default=0.1, help="Held-out fraction.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm-tune", description="Fine-tune and sample latent diffusion models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Log at INFO level.")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_init_model(sub)
-    sub.add_parser("schedulers", help="List the sampler names, one line each.")
+    _add_train(sub)
     _add_generate(sub)
+    _add_init_model(sub)
+    _add_make_dataset(sub)
+    sub.add_parser("schedulers", help="List the sampler names, one line each.")
     return parser
 
 
@@ -127,7 +150,34 @@ def _run_generate(args) -> None:
     print(f"Wrote {len(files['images'])} images, grid {files['grid']} and parameters {files['params']}")
 
 
-COMMANDS = {"init-model": _run_init_model, "schedulers": _run_schedulers, "generate": _run_generate}
+def _run_train(args) -> None:
+    from ldm_tune.config import describe_config, load_config
+
+    if args.help_config:
+        print(describe_config())
+        return
+    config = load_config(args.config, args.overrides)  # all config errors surface here, before any model loads
+    from ldm_tune.training import train
+
+    summary = train(config)
+    print(f"Trained {summary['global_step']} steps; model in {config.output_dir}/pipeline")
+
+
+def _run_make_dataset(args) -> None:
+    from ldm_tune.data.shapes import make_shapes_dataset
+
+    path = make_shapes_dataset(args.out, n=args.n, size=args.size, seed=args.seed,
+                               validation_fraction=args.validation_fraction)  # fmt: skip
+    print(f"Wrote the {args.kind} dataset to {path} (train/ and validation/)")
+
+
+COMMANDS = {
+    "train": _run_train,
+    "generate": _run_generate,
+    "init-model": _run_init_model,
+    "make-dataset": _run_make_dataset,
+    "schedulers": _run_schedulers,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
         print(f"ldm-tune {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        if type(error).__name__ != "NonFiniteLossError":
+            raise
+        print(f"ldm-tune {args.command}: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -41,6 +41,7 @@ class DataConfig:
     caption_column: str = _f("text", "Column holding the caption; a list picks one caption at random.")
     validation_split: float = _f(0.0, "Fraction of the training items held out for validation loss (0: none).")
     validation_data_dir: str | None = _f(None, "A separate image folder for validation loss.")
+    validation_dataset_split: str | None = _f(None, "A split of `dataset_name` for validation loss, e.g. validation.")
     max_train_samples: int | None = _f(None, "Use only the first N training items (debugging, quick runs).")
     resolution: int = _f(512, "Training image size in pixels (multiple of 8).")
     center_crop: bool = _f(False, "Center crop after resizing; random crop when false.")
@@ -231,6 +232,12 @@ def validate(config: TrainConfig) -> None:
         raise ValueError("`model.pretrained_model_name_or_path` is required (a model folder or hub id).")
     if (d.train_data_dir is None) == (d.dataset_name is None):
         raise ValueError("Set exactly one of `data.train_data_dir` and `data.dataset_name`.")
+    held_out = [k for k, v in (("validation_split", d.validation_split), ("validation_data_dir", d.validation_data_dir),
+                               ("validation_dataset_split", d.validation_dataset_split)) if v]  # fmt: skip
+    if len(held_out) > 1:
+        raise ValueError(f"Set at most one validation source in `data`, got {held_out}.")
+    if d.validation_dataset_split and d.dataset_name is None:
+        raise ValueError("`data.validation_dataset_split` needs `data.dataset_name`.")
     if d.resolution <= 0 or d.resolution % 8:
         raise ValueError(f"`data.resolution` must be a positive multiple of 8, got {d.resolution}.")
     for key, value in (("data.validation_split", d.validation_split), ("data.caption_dropout", d.caption_dropout)):

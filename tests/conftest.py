@@ -37,3 +37,43 @@ def sd_pipeline(tiny_model_dir):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    """A small procedural image folder: 12 training and 4 validation images of 32 px."""
+    from ldm_tune.data.shapes import make_shapes_dataset
+
+    return make_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", n=16, size=32, seed=0,
+                               validation_fraction=0.25)  # fmt: skip
+
+
+@pytest.fixture
+def make_config(tiny_model_dir, shapes_dir, tmp_path):
+    """`make_config("training.max_train_steps=3", ...)`: a fast CPU training config on the tiny model."""
+    from ldm_tune.config import load_config
+
+    def make(*overrides, output_dir=None):
+        base = [
+            f"model.pretrained_model_name_or_path={tiny_model_dir}",
+            f"data.train_data_dir={shapes_dir / 'train'}",
+            "data.resolution=32",
+            "training.train_batch_size=4",
+            "training.max_train_steps=2",
+            "training.lr_warmup_steps=0",
+            "checkpointing.checkpointing_steps=1000",
+            "validation.validation_steps=0",
+            f"output_dir={output_dir or tmp_path / 'run'}",
+        ]
+        return load_config(None, base + list(overrides))
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerate keeps one global state per process; tests build trainers with different precisions."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

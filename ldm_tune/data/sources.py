@@ -72,15 +72,18 @@ class HFDatasetSource:
         return image, row[self.caption_column]
 
     @classmethod
-    def from_config(cls, cfg: DataConfig) -> HFDatasetSource:
+    def from_config(cls, cfg: DataConfig, split: str | None = None) -> HFDatasetSource:
         import datasets
 
+        split = split or cfg.dataset_split
         path = Path(cfg.dataset_name)
         if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
             loaded = datasets.load_from_disk(str(path))
-            dataset = loaded[cfg.dataset_split] if isinstance(loaded, datasets.DatasetDict) else loaded
+            if isinstance(loaded, datasets.DatasetDict) and split not in loaded:
+                raise ValueError(f"`data.dataset_name` {cfg.dataset_name!r} has splits {list(loaded)}, not {split!r}.")
+            dataset = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
         else:
-            dataset = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, split=cfg.dataset_split)
+            dataset = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, split=split)
         return cls(dataset, cfg.image_column, cfg.caption_column)
 
 
@@ -107,6 +110,8 @@ def build_sources(cfg: DataConfig, seed: int):
     validation = None
     if cfg.validation_data_dir is not None:
         validation = FolderSource(cfg.validation_data_dir, cfg.caption_column)
+    elif cfg.validation_dataset_split is not None:
+        validation = HFDatasetSource.from_config(cfg, split=cfg.validation_dataset_split)
     elif cfg.validation_split > 0:
         # A seeded permutation, so the held-out items are the same on every run and every process.
         indices = np.random.default_rng(seed).permutation(len(source))

@@ -1,0 +1,78 @@
+import pytest
+import yaml
+
+from ldm_tune.config import TrainConfig, describe_config, load_config, save_config
+
+
+BASE = ["model.pretrained_model_name_or_path=m", "data.train_data_dir=d"]
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"pretrained_model_name_or_path": "m"}, "data": {"train_data_dir": "d"},
+                                    "training": {"learning_rate": "1e-4", "train_batch_size": 2}}))  # fmt: skip
+    config = load_config(path, ["training.train_batch_size=8", "validation.validation_prompts=[a, b]", "seed=3"])
+    assert config.training.learning_rate == 1e-4  # YAML 1.1 reads 1e-4 as a string: accepted as the number
+    assert config.training.train_batch_size == 8 and config.seed == 3
+    assert config.validation.validation_prompts == ["a", "b"]
+    save_config(config, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == config
+
+
+def test_unknown_key_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"Unknown config key\(s\) \['training.learning_rat'\].*'learning_rate'"):
+        load_config(None, [*BASE, "training.learning_rat=1"])
+    with pytest.raises(ValueError, match=r"Unknown config key\(s\) \['optim'\] in the top level"):
+        load_config(None, [*BASE, "optim.lr=1"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.resolution=500", "`data.resolution` must be a positive multiple of 8, got 500."),
+        ("training.train_batch_size=0", "`training.train_batch_size` must be >= 1, got 0."),
+        ("training.train_batch_size=two", "`training.train_batch_size` must be of type int, got 'two'"),
+        (
+            "training.mixed_precision=fp8",
+            "`training.mixed_precision` must be one of \\['no', 'fp16', 'bf16'\\], got 'fp8'",
+        ),
+        ("model.prediction_type=x0", "`model.prediction_type` must be one of"),
+        ("data.caption_dropout=1.5", "`data.caption_dropout` must be in \\[0, 1\\), got 1.5."),
+        ("training.use_ema=maybe", "`training.use_ema` must be of type bool"),
+        ("validation.validation_scheduler=dpm3", "`scheduler` must be one of"),
+        ("training.snr_gamma=0", "`training.snr_gamma` must be > 0"),
+    ],
+)
+def test_impossible_values_are_refused(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [*BASE, override])
+
+
+def test_fp16_without_cuda_suggests_bf16():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU.*use bf16"):
+        load_config(None, [*BASE, "training.mixed_precision=fp16"])
+
+
+def test_data_source_and_model_are_required():
+    with pytest.raises(ValueError, match="`model.pretrained_model_name_or_path` is required"):
+        load_config(None, ["data.train_data_dir=d"])
+    with pytest.raises(ValueError, match="exactly one of `data.train_data_dir` and `data.dataset_name`"):
+        load_config(None, ["model.pretrained_model_name_or_path=m"])
+
+
+def test_every_key_is_documented():
+    text = describe_config()
+    import dataclasses
+
+    for section in dataclasses.fields(TrainConfig):
+        value = getattr(TrainConfig(), section.name)
+        names = [f.name for f in dataclasses.fields(value)] if dataclasses.is_dataclass(value) else [section.name]
+        for name in names:
+            key = f"{section.name}.{name}" if dataclasses.is_dataclass(value) else name
+            line = next(line for line in text.splitlines() if line.strip().startswith(key + " ="))
+            help_line = text.splitlines()[text.splitlines().index(line) + 1].strip()
+            assert help_line, key

@@ -1,0 +1,296 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import compute_snr
+from safetensors.torch import load_file
+
+from ldm_tune.checkpointing import MARKER, CheckpointManager
+from ldm_tune.inference import LDMInference
+from ldm_tune.losses import min_snr_weights
+from ldm_tune.presets import SD15_SCHEDULER
+from ldm_tune.tracking import read_metrics
+from ldm_tune.training import NonFiniteLossError, Trainer
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def unet_weights(folder):
+    return load_file(Path(folder) / "diffusion_pytorch_model.safetensors")
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_one_step_changes_the_unet_and_nothing_else(make_config):
+    trainer = Trainer(make_config("training.max_train_steps=1"))
+    unet, vae, text = snapshot(trainer.unet), snapshot(trainer.vae), snapshot(trainer.text_encoder)
+    trainer.train()
+    assert max_diff(unet, snapshot(trainer.accelerator.unwrap_model(trainer.unet))) > 0
+    assert all(torch.equal(vae[k], v) for k, v in trainer.vae.state_dict().items())
+    assert all(torch.equal(text[k], v) for k, v in trainer.text_encoder.state_dict().items())
+    assert not any(p.requires_grad for p in trainer.vae.parameters())
+    assert not any(p.requires_grad for p in trainer.text_encoder.parameters())
+
+
+def test_outputs_load_everywhere(make_config, tiny_model_dir):
+    config = make_config("training.max_train_steps=2", "checkpointing.checkpointing_steps=1")
+    Trainer(config).train()
+    out = Path(config.output_dir)
+    for name in ("config.yaml", "metrics.jsonl", "README.md", "unet/diffusion_pytorch_model.safetensors"):
+        assert (out / name).exists(), name
+    assert str(tiny_model_dir) in (out / "README.md").read_text()
+    pipe = StableDiffusionPipeline.from_pretrained(
+        out / "pipeline", safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a red circle", num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
+    ours = LDMInference.from_pretrained(out / "pipeline", device="cpu", scheduler="ddim")
+    from_checkpoint = LDMInference.from_pretrained(tiny_model_dir, checkpoint=out / "checkpoint-2", device="cpu",
+                                                   scheduler="ddim")  # fmt: skip
+    kwargs = {"prompt": "a red circle", "seed": 0, "num_inference_steps": 2, "output_type": "np", "progress": False}
+    assert torch.equal(torch.from_numpy(ours.generate(**kwargs)), torch.from_numpy(from_checkpoint.generate(**kwargs)))
+
+
+def test_overfits_eight_images(make_config):
+    config = make_config("data.max_train_samples=8", "training.train_batch_size=8", "training.max_train_steps=250",
+                         "training.learning_rate=1e-3", "data.caption_dropout=0", "logging.logging_steps=1")  # fmt: skip
+    Trainer(config).train()
+    losses = [r["loss"] for r in read_metrics(Path(config.output_dir) / "metrics.jsonl") if "loss" in r]
+    first, last = sum(losses[:10]) / 10, sum(losses[-25:]) / 25
+    assert last < 0.5 * first, (first, last)
+
+
+def test_accumulation_matches_the_large_batch(make_config, tmp_path, tiny_model_dir):
+    common = ["data.max_train_samples=8", "training.max_train_steps=2", "training.learning_rate=1e-3"]
+    big = make_config(*common, "training.train_batch_size=8", output_dir=tmp_path / "big")
+    small = make_config(*common, "training.train_batch_size=4", "training.gradient_accumulation_steps=2",
+                        output_dir=tmp_path / "small")  # fmt: skip
+    Trainer(big).train()
+    Trainer(small).train()
+    base = unet_weights(tiny_model_dir / "unet")
+    updates = [torch.cat([(unet_weights(tmp_path / run / "unet")[k] - base[k]).flatten() for k in base])
+               for run in ("big", "small")]  # fmt: skip
+    # Same items, keyed noise and timesteps; only the float summation order of the gradient differs. AdamW divides
+    # by |g| + eps, so weights whose gradient is ~0 can move by noise-level amounts: the tolerance is stated on the
+    # whole update (relative L2 error <= 1e-4) and per weight (<= 1% of the largest single-weight update).
+    difference = updates[0] - updates[1]
+    assert difference.norm() <= 1e-4 * updates[0].norm()
+    assert difference.abs().max() <= 0.01 * updates[0].abs().max()
+
+
+RESUME = ["data.max_train_samples=8", "training.train_batch_size=3", "training.gradient_accumulation_steps=2",
+          "training.max_train_steps=6", "training.lr_scheduler=cosine", "training.lr_warmup_steps=2",
+          "training.use_ema=true", "data.caption_dropout=0.3", "data.random_flip=true",
+          "checkpointing.checkpointing_steps=3", "logging.logging_steps=1"]  # fmt: skip
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_continues_exactly(make_config, tmp_path, monkeypatch):
+    Trainer(make_config(*RESUME, output_dir=tmp_path / "full")).train()
+
+    original = Trainer._after_update
+
+    def killed_after_step_3(self, *args):
+        original(self, *args)
+        if self.state.global_step == 3:
+            raise Killed  # mid-epoch: 8 items in batches of 3, 2 batches per update
+
+    monkeypatch.setattr(Trainer, "_after_update", killed_after_step_3)
+    with pytest.raises(Killed):
+        Trainer(make_config(*RESUME, output_dir=tmp_path / "split")).train()
+    monkeypatch.setattr(Trainer, "_after_update", original)
+    assert not (tmp_path / "split" / "unet").exists()
+    Trainer(make_config(*RESUME, "checkpointing.resume_from_checkpoint=latest", output_dir=tmp_path / "split")).train()
+
+    for folder in ("unet", "checkpoint-6/unet", "checkpoint-6/unet_ema"):  # exported EMA, raw weights, EMA state
+        assert max_diff(unet_weights(tmp_path / "full" / folder), unet_weights(tmp_path / "split" / folder)) <= 1e-6
+    full = [r for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "loss" in r]
+    split = [r for r in read_metrics(tmp_path / "split" / "metrics.jsonl") if "loss" in r]
+    assert [r["lr"] for r in full] == [r["lr"] for r in split]  # the LR schedule continued
+    assert [round(r["loss"], 6) for r in full] == [round(r["loss"], 6) for r in split]  # same data, noise, steps
+
+
+def test_kill_inside_save_state_keeps_the_previous_checkpoint(make_config, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    config = make_config("training.max_train_steps=4", "checkpointing.checkpointing_steps=2")
+    original = Accelerator.save_state
+
+    def dies_at_step_4(self, output_dir, **kwargs):
+        if "checkpoint-4" in str(output_dir):
+            original(self, output_dir, **kwargs)
+            (Path(output_dir) / "optimizer.bin").write_bytes(b"half")  # torn write
+            raise Killed
+        return original(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", dies_at_step_4)
+    with pytest.raises(Killed):
+        Trainer(config).train()
+    out = Path(config.output_dir)
+    assert (out / "checkpoint-2" / MARKER).exists() and not (out / "checkpoint-4").exists()
+    assert (out / ".checkpoint-4.tmp").exists()
+    assert CheckpointManager(None, out).latest() == out / "checkpoint-2"
+
+    monkeypatch.setattr(Accelerator, "save_state", original)
+    resumed = Trainer(make_config("training.max_train_steps=4", "checkpointing.checkpointing_steps=2",
+                                  "checkpointing.resume_from_checkpoint=latest"))  # fmt: skip
+    assert resumed.resume_path == out / "checkpoint-2"
+    assert resumed.train()["global_step"] == 4
+    assert (out / "checkpoint-4" / MARKER).exists() and not (out / ".checkpoint-4.tmp").exists()
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints(make_config):
+    config = make_config("training.max_train_steps=4", "checkpointing.checkpointing_steps=1",
+                         "checkpointing.checkpoints_total_limit=2", "checkpointing.resume_from_checkpoint=latest")  # fmt: skip
+    out = Path(config.output_dir)
+    (out / "checkpoint-0").mkdir(parents=True)  # not ours (no marker): never deleted, never resumed
+    Trainer(config).train()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0", "checkpoint-3", "checkpoint-4"]
+
+
+def test_an_earlier_run_is_never_overwritten(make_config):
+    config = make_config("training.max_train_steps=1")
+    Trainer(config).train()
+    with pytest.raises(ValueError, match="already holds a run.*resume_from_checkpoint=latest"):
+        Trainer(config)
+    with pytest.raises(ValueError, match="is not a complete checkpoint"):
+        Trainer(make_config("training.max_train_steps=1", "checkpointing.resume_from_checkpoint=checkpoint-7"))
+
+
+def test_validation_loss_best_unet_and_images(make_config, shapes_dir):
+    config = make_config("training.max_train_steps=2", "validation.validation_steps=1",
+                         f"data.validation_data_dir={shapes_dir / 'validation'}",
+                         "validation.validation_prompts=[a red circle, a blue square]",
+                         "validation.validation_inference_steps=2", "validation.num_validation_images=2")  # fmt: skip
+    trainer = Trainer(config)
+    trainer.train()
+    assert trainer.evaluate() == trainer.evaluate()  # fixed noise and timesteps
+    out = Path(config.output_dir)
+    val = [r for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in val] == [1, 2]
+    best = json.loads((out / "best" / "info.json").read_text())
+    assert best["val_loss"] == min(r["val_loss"] for r in val)
+    assert (out / "best" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    for step in (1, 2):
+        assert len(list((out / "samples" / f"step-{step}").glob("00000-0?.png"))) == 4
+        assert (out / "samples" / f"step-{step}" / "00000-grid.png").exists()
+
+
+def test_nonfinite_losses_skip_updates_then_stop(make_config, monkeypatch):
+    config = make_config("training.max_train_steps=10", "checkpointing.checkpointing_steps=1",
+                         "training.max_nonfinite_steps=3")  # fmt: skip
+    original = Trainer.compute_losses
+
+    def nan_after_step_1(self, batch, seed):
+        losses = original(self, batch, seed)
+        return losses * float("nan") if self.state.global_step >= 1 else losses
+
+    monkeypatch.setattr(Trainer, "compute_losses", nan_after_step_1)
+    with pytest.raises(NonFiniteLossError, match=r"3 updates in a row, the last at step 4.*checkpoint-3"):
+        Trainer(config).train()
+    out = Path(config.output_dir)
+    assert max_diff(unet_weights(out / "checkpoint-1" / "unet"), unet_weights(out / "checkpoint-3" / "unet")) == 0
+
+
+def test_v_prediction_and_min_snr_train_and_export(make_config):
+    config = make_config("model.prediction_type=v_prediction", "training.snr_gamma=5", "training.max_train_steps=1",
+                         "training.noise_offset=0.05", "training.input_perturbation=0.1")  # fmt: skip
+    Trainer(config).train()
+    scheduler = json.loads((Path(config.output_dir) / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["clip_sample"] is False
+
+
+def test_min_snr_weights_for_epsilon_and_v():
+    scheduler = DDPMScheduler.from_config(SD15_SCHEDULER)
+    timesteps = torch.tensor([0, 50, 300, 999])
+    snr = compute_snr(scheduler, timesteps)
+    torch.testing.assert_close(min_snr_weights(scheduler, timesteps, 5.0, "epsilon"), torch.clamp(snr, max=5) / snr)
+    torch.testing.assert_close(
+        min_snr_weights(scheduler, timesteps, 5.0, "v_prediction"), torch.clamp(snr, max=5) / (snr + 1)
+    )
+    assert min_snr_weights(scheduler, timesteps[-1:], 5.0, "epsilon").item() == pytest.approx(1.0)
+
+
+def test_cli_train_runs_the_same_code(make_config, capsys, tiny_model_dir, shapes_dir, tmp_path):
+    from ldm_tune.cli import main
+
+    code = main(["train", "--config", str(REPO / "configs" / "tiny.yaml"),
+                 f"model.pretrained_model_name_or_path={tiny_model_dir}", f"data.train_data_dir={shapes_dir / 'train'}",
+                 f"data.validation_data_dir={shapes_dir / 'validation'}", "data.resolution=32",
+                 "training.max_train_steps=1", "validation.validation_inference_steps=2",
+                 f"output_dir={tmp_path / 'cli'}"])  # fmt: skip
+    assert code == 0 and (tmp_path / "cli" / "pipeline" / "model_index.json").exists()
+    assert main(["train", "--config", str(REPO / "configs" / "tiny.yaml"), "training.learning_rat=1"]) == 2
+    assert "Unknown config key(s) ['training.learning_rat']" in capsys.readouterr().err
+
+
+def test_accelerate_launch_end_to_end(tiny_model_dir, shapes_dir, tmp_path):
+    accelerate = Path(sys.executable).parent / "accelerate"
+    command = [str(accelerate), "launch", "--config_file", str(REPO / "configs" / "accelerate" / "cpu.yaml"),
+               str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
+               f"model.pretrained_model_name_or_path={tiny_model_dir}", f"data.train_data_dir={shapes_dir / 'train'}",
+               f"data.validation_data_dir={shapes_dir / 'validation'}", "data.resolution=32",
+               "training.max_train_steps=3", "checkpointing.checkpointing_steps=2",
+               "validation.validation_inference_steps=2", f"output_dir={tmp_path / 'launched'}"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "launched"
+    assert (out / "checkpoint-2" / MARKER).exists() and (out / "checkpoint-3" / MARKER).exists()
+    assert UNet2DConditionModel.from_pretrained(out / "unet") is not None
+    assert json.loads((out / "summary.json").read_text())["global_step"] == 3
+
+
+def test_bf16_with_gradient_checkpointing_and_validation_images(make_config):
+    config = make_config("training.mixed_precision=bf16", "training.gradient_checkpointing=true",
+                         "training.use_ema=true", "training.max_train_steps=1",
+                         "validation.validation_prompts=[a red circle]", "validation.validation_inference_steps=2")  # fmt: skip
+    trainer = Trainer(config)
+    assert trainer.vae.dtype == trainer.text_encoder.dtype == torch.bfloat16
+    trainer.train()
+    assert trainer.accelerator.unwrap_model(trainer.unet).dtype == torch.float32  # fp32 master weights
+    assert (Path(config.output_dir) / "samples" / "step-1" / "00000-00.png").exists()
+
+
+def test_hf_dataset_from_disk_with_caption_lists(make_config, shapes_dir, tmp_path):
+    import datasets
+
+    records = [json.loads(line) for line in (shapes_dir / "train" / "metadata.jsonl").read_text().splitlines()]
+    dataset = datasets.Dataset.from_dict(
+        {"picture": [str(shapes_dir / "train" / r["file_name"]) for r in records],
+         "captions": [[r["text"], f"{r['color']} {r['shape']}"] for r in records]}
+    ).cast_column("picture", datasets.Image())  # fmt: skip
+    datasets.DatasetDict({"train": dataset, "validation": dataset.select(range(3))}).save_to_disk(tmp_path / "hf")
+    config = make_config("data.train_data_dir=null", f"data.dataset_name={tmp_path / 'hf'}", "data.image_column=picture",
+                         "data.caption_column=captions", "training.max_train_steps=1",
+                         "data.validation_dataset_split=validation")  # fmt: skip
+    trainer = Trainer(config)
+    item = trainer.train_loader.dataset[(0, 0)]
+    assert (
+        item["pixel_values"].shape == (3, 32, 32)
+        and -1 <= item["pixel_values"].min() < item["pixel_values"].max() <= 1
+    )
+    captions = {trainer.tokenizer.decode(trainer.train_loader.dataset[(e, 0)]["input_ids"], skip_special_tokens=True)
+                for e in range(40)}  # fmt: skip
+    assert len(captions) >= 2  # one of the list is picked at random per epoch (and "" by caption dropout)
+    assert trainer.train()["global_step"] == 1
+    assert len(trainer.val_loader.dataset) == 3 and trainer.state.best_val_loss is not None
+    with pytest.raises(ValueError, match=r"Dataset columns \['image'\] not found"):
+        Trainer(make_config("data.train_data_dir=null", f"data.dataset_name={tmp_path / 'hf'}",
+                            "data.caption_column=captions", output_dir=tmp_path / "other"))  # fmt: skip
