@@ -39,6 +39,9 @@ class DataConfig:
     dataset_split: str = _f("train", "Split of `dataset_name` to train on.")
     image_column: str = _f("image", "Column holding the image (file_name for imagefolder).")
     caption_column: str = _f("text", "Column holding the caption; a list picks one caption at random.")
+    train_data_file: str | None = _f(
+        None, "JSONL or CSV of pairs: image (local path, relative to the file, or http(s) URL) and caption."
+    )
     validation_split: float = _f(0.0, "Fraction of the training items held out for validation loss (0: none).")
     validation_data_dir: str | None = _f(None, "A separate image folder for validation loss.")
     validation_dataset_split: str | None = _f(None, "A split of `dataset_name` for validation loss, e.g. validation.")
@@ -49,6 +52,24 @@ class DataConfig:
     image_interpolation_mode: str = _f("lanczos", "Resize filter: lanczos, bicubic, bilinear, box, nearest.")
     caption_dropout: float = _f(0.1, "Probability of training on the empty caption (needed for CFG).")
     dataloader_num_workers: int = _f(0, "DataLoader worker processes (0: load in the main process).")
+    cache_dir: str | None = _f(
+        None, "Downloads, scan results and caches (default: $LDM_TUNE_CACHE or ~/.cache/ldm_tune)."
+    )
+    min_image_size: int = _f(0, "Skip images whose shorter side is below this many pixels (0: keep all).")
+    max_aspect_ratio: float = _f(4.0, "Skip images more elongated than this (long side / short side); bucket limit.")
+    max_image_pixels: int = _f(89_478_485, "Skip larger images as decompression bombs (PIL's default limit).")
+    max_bad_fraction: float = _f(0.05, "Stop before training if more than this fraction of the items is bad.")
+    bucketing: bool = _f(False, "Aspect-ratio buckets of about resolution^2 pixels; each batch from one bucket.")
+    bucket_step: int = _f(64, "Bucket sides are multiples of this many pixels.")
+    cache_latents: bool = _f(False, "Encode every image (and its flip) once through the VAE and train from disk.")
+    cache_text_embeddings: bool = _f(False, "Encode every caption (and the empty one) once through the text encoder.")
+    cache_batch_size: int = _f(16, "Batch size when filling the latent and text caches.")
+    download_workers: int = _f(8, "Parallel downloads for http(s) images.")
+    download_timeout: float = _f(10.0, "Seconds to connect, and between bytes, for a download.")
+    download_total_timeout: float = _f(60.0, "Seconds a single download may take in all.")
+    download_retries: int = _f(2, "Retries (with exponential backoff) after timeouts, 429 and 5xx answers.")
+    max_download_bytes: int = _f(50 * 2**20, "Refuse downloads larger than this many bytes.")
+    allow_private_urls: bool = _f(False, "Allow URLs on private, loopback and link-local addresses.")
 
 
 @dataclass
@@ -230,8 +251,20 @@ def validate(config: TrainConfig) -> None:
     m, d, t, c, v = config.model, config.data, config.training, config.checkpointing, config.validation
     if not m.pretrained_model_name_or_path:
         raise ValueError("`model.pretrained_model_name_or_path` is required (a model folder or hub id).")
-    if (d.train_data_dir is None) == (d.dataset_name is None):
-        raise ValueError("Set exactly one of `data.train_data_dir` and `data.dataset_name`.")
+    sources = [k for k in ("train_data_dir", "train_data_file", "dataset_name") if getattr(d, k) is not None]
+    if len(sources) != 1:
+        raise ValueError(
+            f"Set exactly one of `data.train_data_dir`, `data.train_data_file` and `data.dataset_name`, got {sources}."
+        )
+    if d.cache_latents and not d.center_crop:
+        raise ValueError(
+            "`data.cache_latents` needs a fixed crop: set `data.center_crop: true`; a random crop changes the "
+            "latent at every epoch."
+        )
+    if d.max_aspect_ratio < 1:
+        raise ValueError(f"`data.max_aspect_ratio` must be >= 1, got {d.max_aspect_ratio}.")
+    if d.bucket_step <= 0 or d.bucket_step % 8:
+        raise ValueError(f"`data.bucket_step` must be a positive multiple of 8, got {d.bucket_step}.")
     held_out = [k for k, v in (("validation_split", d.validation_split), ("validation_data_dir", d.validation_data_dir),
                                ("validation_dataset_split", d.validation_dataset_split)) if v]  # fmt: skip
     if len(held_out) > 1:
@@ -240,7 +273,9 @@ def validate(config: TrainConfig) -> None:
         raise ValueError("`data.validation_dataset_split` needs `data.dataset_name`.")
     if d.resolution <= 0 or d.resolution % 8:
         raise ValueError(f"`data.resolution` must be a positive multiple of 8, got {d.resolution}.")
-    for key, value in (("data.validation_split", d.validation_split), ("data.caption_dropout", d.caption_dropout)):
+    fractions = (("data.validation_split", d.validation_split), ("data.caption_dropout", d.caption_dropout),
+                 ("data.max_bad_fraction", d.max_bad_fraction))  # fmt: skip
+    for key, value in fractions:
         if not 0.0 <= value < 1.0:
             raise ValueError(f"`{key}` must be in [0, 1), got {value}.")
     positive = {
@@ -255,6 +290,8 @@ def validate(config: TrainConfig) -> None:
         "validation.num_validation_images": v.num_validation_images,
         "validation.validation_batch_size": v.validation_batch_size,
         "logging.logging_steps": config.logging.logging_steps,
+        "data.cache_batch_size": d.cache_batch_size,
+        "data.download_workers": d.download_workers,
     }
     for key, value in positive.items():
         if value is not None and value < 1:

@@ -21,14 +21,13 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import CLIPTextModel
 
 from ldm_tune.checkpointing import CheckpointManager, write_model_card
 from ldm_tune.components import freeze, load_components, save_model_folder, vae_space_to_latents
 from ldm_tune.config import TrainConfig, save_config, to_dict
-from ldm_tune.data import EpochSampler, TextImageDataset, build_sources, collate
-from ldm_tune.data.dataset import VALIDATION_EPOCH
+from ldm_tune.data.loaders import build_loaders
 from ldm_tune.io_utils import save_atomically
 from ldm_tune.losses import denoising_loss, draw
 from ldm_tune.tracking import MetricsLogger, make_accelerator_trackers
@@ -52,6 +51,7 @@ class TrainState:
     nonfinite_total: int = 0
     best_val_loss: float | None = None
     best_val_step: int | None = None
+    items_skipped: int = 0  # items that failed to load during training (the scan had found them usable)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -109,7 +109,6 @@ class Trainer:
     def _load_models(self) -> None:
         m, t = self.config.model, self.config.training
         components = load_components(m.pretrained_model_name_or_path, revision=m.revision, variant=m.variant)
-        self.components = components
         self.tokenizer = components.tokenizer
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
         # Frozen parts: no gradients, eval mode, half precision when mixed precision is on (they only run forward).
@@ -130,29 +129,19 @@ class Trainer:
                                 model_config=self.unet.config)  # fmt: skip
             self.ema.to(self.accelerator.device)
 
-    def _make_dataset(self, source, train: bool) -> TextImageDataset:
-        d = self.config.data
-        return TextImageDataset(
-            source, self.tokenizer, d.resolution,
-            center_crop=d.center_crop or not train, random_flip=d.random_flip and train,
-            caption_dropout=d.caption_dropout if train else 0.0, seed=self.config.seed,
-            interpolation=d.image_interpolation_mode,
-        )  # fmt: skip
-
     def _build_data(self) -> None:
-        d, t, v = self.config.data, self.config.training, self.config.validation
-        train_source, val_source = build_sources(d, self.config.seed)
-        self.train_items = len(train_source)
-        self.sampler = EpochSampler(len(train_source), seed=self.config.seed, shuffle=True)
-        self.train_loader = DataLoader(self._make_dataset(train_source, True), batch_size=t.train_batch_size,
-                                       sampler=self.sampler, collate_fn=collate, num_workers=d.dataloader_num_workers,
-                                       drop_last=False)  # fmt: skip
-        self.val_loader = None
-        if val_source is not None:
-            val_sampler = EpochSampler(len(val_source), seed=self.config.seed, shuffle=False, epoch=VALIDATION_EPOCH)
-            self.val_loader = DataLoader(self._make_dataset(val_source, False), sampler=val_sampler,
-                                         batch_size=v.validation_batch_size or t.train_batch_size, collate_fn=collate,
-                                         num_workers=d.dataloader_num_workers)  # fmt: skip
+        d = self.config.data
+        loaders = build_loaders(self.config, self.accelerator, self.tokenizer, self.vae, self.text_encoder,
+                                self.weight_dtype)  # fmt: skip
+        self.loaders, self.sampler = loaders, loaders.sampler
+        self.train_loader, self.val_loader = loaders.train, loaders.validation
+        self.train_items = len(loaders.data.train.items)
+        # With a cache the encoder is not needed during training: free its memory (validation images reload the
+        # text encoder from disk; the VAE decoder stays for them).
+        if d.cache_latents:
+            self.vae.encoder = self.vae.quant_conv = None
+        if d.cache_text_embeddings:
+            self.text_encoder = None
 
     def _build_optimization(self) -> None:
         t, acc = self.config.training, self.accelerator
@@ -247,6 +236,11 @@ class Trainer:
     def run_step(self, batch: dict) -> bool:
         """One micro-batch; at the end of an accumulation window, update, then log/evaluate/save. True if updated."""
         acc, t = self.accelerator, self.config.training
+        if batch["skipped"]:
+            self.state.items_skipped += len(batch["skipped"])
+            logger.warning("Skipped %d item(s) that failed to load: %s", len(batch["skipped"]), batch["skipped"])
+        if len(batch["keys"]) == 0:
+            return False  # every item of the batch failed to load (files changed since the scan)
         with acc.accumulate(self.unet):
             loss = self.forward_backward(batch)
             finite = torch.isfinite(loss)
@@ -276,15 +270,22 @@ class Trainer:
         return loss.detach()
 
     def compute_losses(self, batch: dict, seed: int) -> torch.Tensor:
-        """Per-item denoising losses of a batch: encode with the frozen parts, noise, predict."""
+        """Per-item denoising losses of a batch: encode with the frozen parts (or read the caches), noise, predict."""
         t = self.config.training
         with torch.no_grad():
-            posterior = self.vae.encode(batch["pixel_values"].to(self.weight_dtype)).latent_dist
-            draws = draw(batch["keys"].cpu(), tuple(posterior.mean.shape[1:]), self.noise_scheduler.config.num_train_timesteps,
-                         seed, t.noise_offset, t.input_perturbation)  # fmt: skip
-            eps = draws.posterior_eps.to(posterior.mean.device, posterior.mean.dtype)
-            latents = vae_space_to_latents(self.vae, posterior.mean + posterior.std * eps).float()
-            encoder_hidden_states = self.text_encoder(batch["input_ids"], return_dict=False)[0]
+            if "latent_mean" in batch:
+                mean, std = batch["latent_mean"], batch["latent_std"]
+            else:
+                posterior = self.vae.encode(batch["pixel_values"].to(self.weight_dtype)).latent_dist
+                mean, std = posterior.mean, posterior.std
+            steps = self.noise_scheduler.config.num_train_timesteps
+            draws = draw(batch["keys"].cpu(), tuple(mean.shape[1:]), steps, seed, t.noise_offset, t.input_perturbation)
+            eps = draws.posterior_eps.to(mean.device, mean.dtype)
+            latents = vae_space_to_latents(self.vae, mean + std * eps).float()
+            if "encoder_hidden_states" in batch:
+                encoder_hidden_states = batch["encoder_hidden_states"].to(self.weight_dtype)
+            else:
+                encoder_hidden_states = self.text_encoder(batch["input_ids"], return_dict=False)[0]
         return denoising_loss(self.unet, self.noise_scheduler, latents, encoder_hidden_states, draws,
                               self.prediction_type, t.snr_gamma, t.input_perturbation)  # fmt: skip
 
@@ -301,7 +302,8 @@ class Trainer:
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}")
         if state.global_step % cfg.logging.logging_steps == 0 or state.global_step == self.max_train_steps:
             record = {"step": state.global_step, "epoch": state.epoch, "loss": None if skipped else loss, "lr": lr,
-                      "samples_per_s": samples_per_s, "nonfinite_total": state.nonfinite_total}  # fmt: skip
+                      "samples_per_s": samples_per_s, "nonfinite_total": state.nonfinite_total,
+                      "items_skipped": state.items_skipped}  # fmt: skip
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
             self.metrics.log(record)
@@ -366,7 +368,8 @@ class Trainer:
         from ldm_tune.tracking import log_images
 
         unet = self.accelerator.unwrap_model(self.unet)
-        pipe = LDMInference(self.vae, self.text_encoder, self.tokenizer, unet, self.scheduler_config,
+        text_encoder = self.text_encoder or self._load_text_encoder()
+        pipe = LDMInference(self.vae, text_encoder, self.tokenizer, unet, self.scheduler_config,
                             scheduler=v.validation_scheduler, model_name=self.config.model.pretrained_model_name_or_path,
                             checkpoint=f"step {self.state.global_step}")  # fmt: skip
         unet.eval()
@@ -379,6 +382,14 @@ class Trainer:
         unet.train()
         log_images(self.accelerator, images, v.validation_prompts, v.num_validation_images, self.state.global_step)
         self.accelerator.wait_for_everyone()
+
+    def _load_text_encoder(self):
+        # With cached text embeddings the text encoder is not kept during training; validation images need it.
+        m = self.config.model
+        model = CLIPTextModel.from_pretrained(m.pretrained_model_name_or_path, subfolder="text_encoder",
+                                              revision=m.revision, variant=m.variant, use_safetensors=True)  # fmt: skip
+        freeze(model)
+        return model.to(self.accelerator.device, dtype=self.weight_dtype)
 
     @contextlib.contextmanager
     def _ema_weights(self):

@@ -4,6 +4,8 @@ import os
 
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported anywhere
+# Downloads, scan results and latent/text caches of the tests go to a throwaway folder, not ~/.cache.
+os.environ["LDM_TUNE_CACHE"] = __import__("tempfile").mkdtemp(prefix="ldm-tune-test-cache-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402

@@ -60,7 +60,9 @@ def test_fp16_without_cuda_suggests_bf16():
 def test_data_source_and_model_are_required():
     with pytest.raises(ValueError, match="`model.pretrained_model_name_or_path` is required"):
         load_config(None, ["data.train_data_dir=d"])
-    with pytest.raises(ValueError, match="exactly one of `data.train_data_dir` and `data.dataset_name`"):
+    with pytest.raises(
+        ValueError, match="exactly one of `data.train_data_dir`, `data.train_data_file` and `data.dataset_name`"
+    ):
         load_config(None, ["model.pretrained_model_name_or_path=m"])
 
 

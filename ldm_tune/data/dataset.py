@@ -1,16 +1,17 @@
-"""The training dataset and its sampler. Items are addressed by (epoch, index) keys, not plain indices.
+"""The training dataset. Items are addressed by (epoch, position) keys, not plain indices.
 
-Keying every random choice by (seed, epoch, index) makes an item's caption, caption dropout, crop, flip and (in
-the trainer) its noise and timestep independent of batch size, gradient accumulation, worker processes, GPU count
-and resume point: a resumed run sees exactly the batches the uninterrupted run would have seen.
+Keying every random choice by (seed, epoch, position) makes an item's caption, caption dropout, flip, crop and
+(in the trainer) its noise and timestep independent of batch size, gradient accumulation, worker processes, GPU
+count and resume point: a resumed run sees exactly the batches the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
+from ldm_tune.data.images import BadItem
 from ldm_tune.data.transforms import preprocess
 
 
@@ -26,65 +27,69 @@ def item_seed(seed: int, stream: int, epoch: int, index: int) -> int:
 
 
 class TextImageDataset(Dataset):
-    """Image-caption pairs, preprocessed and tokenized; `dataset[(epoch, index)]` returns one training item."""
+    """Checked items of a source, preprocessed (or read from the caches); `dataset[(epoch, position)]`.
 
-    def __init__(self, source, tokenizer, resolution: int, center_crop: bool = False, random_flip: bool = False,
-                 caption_dropout: float = 0.0, seed: int = 0, interpolation: str = "lanczos"):  # fmt: skip
-        self.source, self.tokenizer = source, tokenizer
-        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-        self.caption_dropout, self.seed, self.interpolation = caption_dropout, seed, interpolation
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def choose_caption(self, caption, rng: np.random.Generator) -> str:
-        if isinstance(caption, (list, tuple)):
-            caption = caption[int(rng.integers(len(caption)))] if caption else ""
-        if not isinstance(caption, str):
-            raise ValueError(f"Captions must be strings or lists of strings, got {caption!r}.")
-        # Caption dropout: train the unconditional branch that classifier-free guidance needs (Ho & Salimans 2022).
-        return "" if rng.random() < self.caption_dropout else caption
-
-    def __getitem__(self, key) -> dict:
-        epoch, index = key
-        rng = np.random.default_rng(item_seed(self.seed, STREAM_DATA, epoch, index))
-        image, caption = self.source.load(index)
-        caption = self.choose_caption(caption, rng)
-        pixels = preprocess(image, self.resolution, self.center_crop, self.random_flip, rng, self.interpolation)
-        input_ids = self.tokenizer(caption, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                   truncation=True, return_tensors="pt").input_ids[0]  # fmt: skip
-        return {"pixel_values": pixels, "input_ids": input_ids, "key": torch.tensor([epoch, index])}
-
-
-class EpochSampler(Sampler):
-    """Yields (epoch, index) keys: a permutation seeded by (seed, epoch), or the plain order when not shuffling.
-
-    The epoch is set with `start_epoch`, deliberately not `set_epoch`: Accelerate calls `set_epoch` with its own
-    iteration counter, which restarts at 0 when a run resumes, and would then replay the wrong epoch's order.
+    Args:
+        source: where images and captions are loaded from (see `ldm_tune.data.sources`).
+        items: the usable items (`ItemInfo`, from the scan); positions index this list.
+        sizes: the (width, height) each item is cropped to: its bucket, or resolution x resolution.
+        latent_cache, text_cache: when given, items carry cached VAE posteriors / text embeddings instead of
+            pixels / token ids.
     """
 
-    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, epoch: int = 0):
-        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, epoch
-
-    def start_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, source, items, sizes, tokenizer, center_crop: bool = False, random_flip: bool = False,
+                 caption_dropout: float = 0.0, seed: int = 0, interpolation: str = "lanczos",
+                 latent_cache=None, text_cache=None):  # fmt: skip
+        self.source, self.items, self.sizes, self.tokenizer = source, items, sizes, tokenizer
+        self.center_crop, self.random_flip, self.caption_dropout = center_crop, random_flip, caption_dropout
+        self.seed, self.interpolation = seed, interpolation
+        self.latent_cache, self.text_cache = latent_cache, text_cache
 
     def __len__(self) -> int:
-        return self.size
+        return len(self.items)
 
-    def __iter__(self):
-        order = (
-            np.random.default_rng([self.seed, self.epoch + 1]).permutation(self.size)
-            if self.shuffle
-            else range(self.size)
-        )
-        return iter([(self.epoch, int(i)) for i in order])
+    def choices(self, epoch: int, position: int) -> tuple[str, bool, np.random.Generator]:
+        """The item's keyed random choices: caption (after dropout) and flip; the generator continues to the crop."""
+        rng = np.random.default_rng(item_seed(self.seed, STREAM_DATA, epoch, position))
+        captions = self.items[position].captions
+        caption = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
+        # Caption dropout: train the unconditional branch that classifier-free guidance needs (Ho & Salimans 2022).
+        if rng.random() < self.caption_dropout:
+            caption = ""
+        flip = self.random_flip and rng.random() < 0.5
+        return caption, flip, rng
+
+    def tokenize(self, caption: str) -> torch.Tensor:
+        return self.tokenizer(caption, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids[0]  # fmt: skip
+
+    def __getitem__(self, key) -> dict:
+        epoch, position = key
+        item = self.items[position]
+        caption, flip, rng = self.choices(epoch, position)
+        out = {"key": torch.tensor([epoch, position])}
+        if self.latent_cache is not None:
+            out["latent_mean"], out["latent_std"] = self.latent_cache.load(item.sha256, self.sizes[position], flip)
+        else:
+            try:
+                image, _ = self.source.load(item.index)
+            except BadItem as error:  # the file changed since the scan: skip, counted by the trainer
+                return {"bad": error.reason, **out}
+            out["pixel_values"] = preprocess(image, self.sizes[position], self.center_crop, flip, rng,
+                                             self.interpolation)  # fmt: skip
+        if self.text_cache is not None:
+            out["encoder_hidden_states"] = self.text_cache.load(caption)
+        else:
+            out["input_ids"] = self.tokenize(caption)
+        return out
 
 
 def collate(examples: list[dict]) -> dict:
-    """Stack items into a batch: pixel_values (B, 3, H, W), input_ids (B, L), keys (B, 2)."""
-    return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
-        "input_ids": torch.stack([e["input_ids"] for e in examples]),
-        "keys": torch.stack([e["key"] for e in examples]),
-    }
+    """Stack good items into a batch; items that failed to load are dropped and their reasons listed."""
+    good = [e for e in examples if "bad" not in e]
+    batch = {"keys": torch.stack([e["key"] for e in good]) if good else torch.zeros(0, 2, dtype=torch.long),
+             "skipped": [e["bad"] for e in examples if "bad" in e]}  # fmt: skip
+    for name in ("pixel_values", "input_ids", "latent_mean", "latent_std", "encoder_hidden_states"):
+        if good and name in good[0]:
+            batch[name] = torch.stack([e[name] for e in good]).contiguous()
+    return batch

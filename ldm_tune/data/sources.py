@@ -1,75 +1,98 @@
-"""Where image-caption pairs come from: an image folder with metadata.jsonl, or a Hugging Face dataset.
+"""Where image-caption pairs come from, all through one data config.
 
-A source is anything with `__len__` and `load(index) -> (PIL image, caption or list of captions)`.
+- an image folder with `metadata.jsonl` or `metadata.csv` (`file_name` + caption column), or with captions in
+  `.txt` / `.caption` files next to the images;
+- a JSONL or CSV list of pairs whose image is a local path (relative to the list) or an http(s) URL
+  (`{"image": ..., "text": ...}`; `{"image_url": ..., "text": ...}` is accepted too); URLs are downloaded once
+  into a content-addressed cache before training;
+- any Hugging Face `datasets` dataset (hub name, local data folder or a `save_to_disk` folder).
+
+A source has `__len__`, `load(i) -> (PIL image, caption)`, `origin(i)` (for the report) and `file(i)` (the local
+file, or None). Items that are bad before any image is opened (malformed metadata, a path leaving the data folder,
+a failed download) are returned as `(origin, reason)` pairs so the report counts them.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from ldm_tune.config import DataConfig
+from ldm_tune.data.images import BadItem, decode_image
 
 
-class FolderSource:
-    """An image folder with `metadata.jsonl`: one JSON object per line with `file_name` and a caption column."""
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGE_KEYS = ("image", "image_url", "file_name", "url", "path")
+MAX_PIXELS_DEFAULT = 89_478_485
 
-    def __init__(self, root: str | Path, caption_column: str = "text"):
-        self.root = Path(root)
-        metadata = self.root / "metadata.jsonl"
-        if not metadata.is_file():
-            raise FileNotFoundError(
-                f"`data.train_data_dir` {str(self.root)!r} has no metadata.jsonl; it must hold one JSON object per "
-                f'line such as {{"file_name": "0001.png", "{caption_column}": "a red circle"}}.'
-            )
-        self.items: list[tuple[Path, object]] = []
-        for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                self.items.append((self.root / record["file_name"], record[caption_column]))
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(
-                    f"{str(metadata)!r} line {number} must be a JSON object with `file_name` and "
-                    f"`{caption_column}`: {error!r}"
-                ) from error
-        if not self.items:
-            raise ValueError(f"{str(metadata)!r} lists no images.")
+
+@dataclass
+class Record:
+    image: str  # a local path (absolute) or an http(s) URL
+    caption: object  # str, list of str, or None when missing
+    origin: str  # where the item came from, for the report
+
+
+class RecordSource:
+    """Items whose images are local files."""
+
+    def __init__(self, records: list[Record], max_pixels: int = MAX_PIXELS_DEFAULT):
+        self.records, self.max_pixels = records, max_pixels
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.records)
 
-    def load(self, index: int):
-        path, caption = self.items[index]
-        with Image.open(path) as image:
-            image.load()
-            return image, caption
+    def origin(self, index: int) -> str:
+        return self.records[index].origin
+
+    def file(self, index: int) -> Path | None:
+        return Path(self.records[index].image)
+
+    def caption(self, index: int):
+        return self.records[index].caption
+
+    def load(self, index: int, fixes: list[str] | None = None):
+        record = self.records[index]
+        return decode_image(record.image, self.max_pixels, fixes), record.caption
 
 
 class HFDatasetSource:
     """Any Hugging Face `datasets` dataset (hub name, local script/data folder, or a `save_to_disk` folder)."""
 
-    def __init__(self, dataset, image_column: str, caption_column: str):
+    def __init__(self, dataset, image_column: str, caption_column: str, max_pixels: int = MAX_PIXELS_DEFAULT):
         missing = [c for c in (image_column, caption_column) if c not in dataset.column_names]
         if missing:
             raise ValueError(f"Dataset columns {missing} not found; the dataset has {dataset.column_names}.")
+        import datasets
+
+        # Read the raw bytes (decode=False) and decode ourselves, so a corrupt image is a counted BadItem.
+        if isinstance(dataset.features[image_column], datasets.Image):
+            dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
         self.dataset, self.image_column, self.caption_column = dataset, image_column, caption_column
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def load(self, index: int):
+    def origin(self, index: int) -> str:
+        return f"row {index}"
+
+    def file(self, index: int) -> Path | None:
+        return None
+
+    def caption(self, index: int):
+        return self.dataset[index][self.caption_column]
+
+    def load(self, index: int, fixes: list[str] | None = None):
         row = self.dataset[index]
-        image = row[self.image_column]
-        if isinstance(image, str):  # a path column
-            with Image.open(image) as opened:
-                opened.load()
-                image = opened
-        return image, row[self.caption_column]
+        value = row[self.image_column]
+        if isinstance(value, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
+            value = value.get("bytes") or value.get("path")
+        if value is None:
+            raise BadItem("missing_file", f"row {index} has no image")
+        return decode_image(value, self.max_pixels, fixes), row[self.caption_column]
 
     @classmethod
     def from_config(cls, cfg: DataConfig, split: str | None = None) -> HFDatasetSource:
@@ -84,42 +107,116 @@ class HFDatasetSource:
             dataset = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
         else:
             dataset = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, split=split)
-        return cls(dataset, cfg.image_column, cfg.caption_column)
+        return cls(dataset, cfg.image_column, cfg.caption_column, cfg.max_image_pixels)
 
 
-class SubsetSource:
-    """A view of some indices of another source (the train/validation split)."""
-
-    def __init__(self, source, indices):
-        self.source, self.indices = source, [int(i) for i in indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def load(self, index: int):
-        return self.source.load(self.indices[index])
+def _inside(root: Path, path: Path) -> bool:
+    # Resolving follows symlinks, so a link pointing out of the folder is caught like a `..` path.
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
 
 
-def build_sources(cfg: DataConfig, seed: int):
-    """Training and validation sources from the data config (validation is None when not asked for)."""
-    if cfg.train_data_dir is not None:
-        source = FolderSource(cfg.train_data_dir, cfg.caption_column)
-    else:
-        source = HFDatasetSource.from_config(cfg)
-    indices = np.arange(len(source))
-    validation = None
-    if cfg.validation_data_dir is not None:
-        validation = FolderSource(cfg.validation_data_dir, cfg.caption_column)
-    elif cfg.validation_dataset_split is not None:
-        validation = HFDatasetSource.from_config(cfg, split=cfg.validation_dataset_split)
-    elif cfg.validation_split > 0:
-        # A seeded permutation, so the held-out items are the same on every run and every process.
-        indices = np.random.default_rng(seed).permutation(len(source))
-        held_out = max(1, round(cfg.validation_split * len(source)))
-        if held_out >= len(source):
-            raise ValueError(f"`data.validation_split` {cfg.validation_split} leaves no training items.")
-        validation, indices = SubsetSource(source, np.sort(indices[:held_out])), np.sort(indices[held_out:])
-    if cfg.max_train_samples is not None:
-        indices = indices[: cfg.max_train_samples]
-    train = source if len(indices) == len(source) else SubsetSource(source, indices)
-    return train, validation
+def _read_rows(path: Path) -> list[tuple[str, object]]:
+    """(origin, row dict or None when malformed) for each line of a .jsonl or each row of a .csv file."""
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+            return [(f"{path.name}:{n}", row) for n, row in enumerate(csv.DictReader(handle), start=2)]
+    rows = []
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
+        rows.append((f"{path.name}:{number}", row if isinstance(row, dict) else None))
+    return rows
+
+
+def _sidecar_caption(image: Path):
+    for suffix in (".txt", ".caption"):
+        sidecar = image.with_suffix(suffix)
+        if sidecar.is_file():
+            try:
+                return sidecar.read_bytes().decode("utf-8").strip()
+            except UnicodeDecodeError:
+                return BadItem("non_utf8_caption", str(sidecar))
+    return None
+
+
+def read_image_folder(root: str | Path, caption_column: str = "text") -> tuple[list[Record], list[tuple[str, str]]]:
+    """Records of an image folder, and the (origin, reason) of items already known to be bad."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"`data.train_data_dir` {str(root)!r} is not a folder.")
+    metadata = next((root / n for n in ("metadata.jsonl", "metadata.csv") if (root / n).is_file()), None)
+    records, bad = [], []
+    if metadata is None:
+        for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            origin = str(image.relative_to(root))
+            caption = _sidecar_caption(image)
+            if not _inside(root, image):
+                bad.append((origin, "path_outside_folder"))
+            elif isinstance(caption, BadItem):
+                bad.append((origin, caption.reason))
+            else:
+                records.append(Record(str(image), caption, origin))
+        return records, bad
+    for origin, row in _read_rows(metadata):
+        if row is None or not row.get("file_name"):
+            bad.append((origin, "malformed_metadata"))
+            continue
+        image = root / str(row["file_name"])
+        if Path(str(row["file_name"])).is_absolute() or not _inside(root, image):
+            bad.append((origin, "path_outside_folder"))
+            continue
+        records.append(Record(str(image), row.get(caption_column), origin))
+    return records, bad
+
+
+def read_pair_list(path: str | Path, caption_column: str = "text") -> tuple[list[Record], list[tuple[str, str]]]:
+    """Records of a JSONL/CSV list of (image path or URL, caption) pairs."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"`data.train_data_file` {str(path)!r} does not exist.")
+    if path.suffix not in (".jsonl", ".csv"):
+        raise ValueError(f"`data.train_data_file` must be a .jsonl or .csv file, got {str(path)!r}.")
+    records, bad = [], []
+    for origin, row in _read_rows(path):
+        image = next((row[k] for k in IMAGE_KEYS if row and row.get(k)), None) if row else None
+        if not isinstance(image, str):
+            bad.append((origin, "malformed_metadata"))
+            continue
+        caption = row.get(caption_column, row.get("caption"))
+        if "://" in image and not image.startswith(("http://", "https://")):
+            bad.append((origin, "invalid_url"))  # file://, ftp://, s3://...: only http(s) and local paths
+            continue
+        if "://" not in image:
+            image = str(path.parent / image)  # relative paths are relative to the list
+        records.append(Record(image, caption, origin))
+    return records, bad
+
+
+def resolve_urls(records: list[Record], cfg: DataConfig, cache_dir: Path, progress: bool = True):
+    """Download http(s) images once into the cache; returns (local records, bad items, download report)."""
+    urls = [r.image for r in records if r.image.startswith(("http://", "https://"))]
+    if not urls:
+        return records, [], None
+    from ldm_tune.data.download import download_images
+
+    results, report = download_images(
+        urls, cache_dir / "downloads", workers=cfg.download_workers, connect_timeout=cfg.download_timeout,
+        read_timeout=cfg.download_timeout, total_timeout=cfg.download_total_timeout, retries=cfg.download_retries,
+        max_bytes=cfg.max_download_bytes, allow_private_urls=cfg.allow_private_urls, progress=progress,
+    )  # fmt: skip
+    local, bad = [], []
+    for record in records:
+        result = results.get(record.image, Path(record.image))
+        if isinstance(result, str):
+            bad.append((record.origin, result))
+        else:
+            local.append(Record(str(result), record.caption, record.origin))
+    return local, bad, report

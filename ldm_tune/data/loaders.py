@@ -1,0 +1,93 @@
+"""The trainer's data loaders: checked items, keyed datasets, bucket batch samplers and the optional caches."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from ldm_tune.config import TrainConfig
+from ldm_tune.data.buckets import BucketBatchSampler
+from ldm_tune.data.cache import LatentCache, TextCache, fill_latent_cache, fill_text_cache, model_fingerprint
+from ldm_tune.data.dataset import VALIDATION_EPOCH, TextImageDataset, collate
+from ldm_tune.data.pipeline import PreparedData, default_cache_dir, prepare_data
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    sampler: BucketBatchSampler
+    validation: DataLoader | None
+    data: PreparedData
+    latents_encoded: int = 0  # images encoded into the latent cache by this process in this run
+    texts_encoded: int = 0
+
+
+def _datasets(config: TrainConfig, data: PreparedData, tokenizer):
+    d = config.data
+    common = {"tokenizer": tokenizer, "seed": config.seed, "interpolation": d.image_interpolation_mode}
+    train = TextImageDataset(data.train.source, data.train.items, data.train.sizes, center_crop=d.center_crop,
+                             random_flip=d.random_flip, caption_dropout=d.caption_dropout, **common)  # fmt: skip
+    validation = None
+    if data.validation is not None:
+        v = data.validation
+        validation = TextImageDataset(v.source, v.items, v.sizes, center_crop=True, **common)
+    return train, validation
+
+
+def _fill_caches(config, datasets, accelerator, tokenizer, vae, text_encoder, weight_dtype):
+    """Encode what is missing (each process its share), then point the datasets at the caches."""
+    d = config.data
+    root = Path(d.cache_dir or default_cache_dir())
+    rank, world, progress = accelerator.process_index, accelerator.num_processes, accelerator.is_local_main_process
+    latents = texts = 0
+    if d.cache_latents:
+        settings = {"interpolation": d.image_interpolation_mode, "random_flip": d.random_flip, "crop": "center",
+                    "dtype": str(weight_dtype)}  # fmt: skip
+        cache = LatentCache(root, model_fingerprint(vae), settings)
+        for dataset in datasets:
+            latents += fill_latent_cache(cache, dataset, vae, d.cache_batch_size, rank, world, progress)
+            dataset.latent_cache = cache
+    if d.cache_text_embeddings:
+        cache = TextCache(root, model_fingerprint(text_encoder, extra=tokenizer.model_max_length))
+        # Every caption an item can draw, plus the empty one that caption dropout and CFG use.
+        captions = [""] + [c for dataset in datasets for item in dataset.items for c in item.captions]
+        texts = fill_text_cache(cache, captions, tokenizer, text_encoder, d.cache_batch_size, rank, world, progress)
+        for dataset in datasets:
+            dataset.text_cache = cache
+    accelerator.wait_for_everyone()
+    return latents, texts
+
+
+def build_loaders(config: TrainConfig, accelerator, tokenizer, vae, text_encoder, weight_dtype) -> Loaders:
+    """Prepare the data (main process first), write the report, fill caches, and build the loaders."""
+    d, t = config.data, config.training
+    with accelerator.main_process_first():
+        data = prepare_data(d, tokenizer, config.seed, progress=accelerator.is_local_main_process)
+    if accelerator.is_main_process:
+        logger.info("%s", data.report.format("training data"))
+        output = Path(config.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        reports = {"train": data.report.to_dict()}
+        if data.validation_report is not None:
+            reports["validation"] = data.validation_report.to_dict()
+        (output / "data_report.json").write_text(json.dumps(reports, indent=2))
+    train, validation = _datasets(config, data, tokenizer)
+    datasets = [train] + ([validation] if validation is not None else [])
+    latents, texts = _fill_caches(config, datasets, accelerator, tokenizer, vae, text_encoder, weight_dtype)
+    sampler = BucketBatchSampler(data.train.buckets, t.train_batch_size, config.seed, accelerator.num_processes)
+    loader = DataLoader(train, batch_sampler=sampler, collate_fn=collate, num_workers=d.dataloader_num_workers)
+    val_loader = None
+    if validation is not None:
+        val_sampler = BucketBatchSampler(data.validation.buckets, config.validation.validation_batch_size or
+                                         t.train_batch_size, config.seed, accelerator.num_processes, shuffle=False,
+                                         epoch=VALIDATION_EPOCH)  # fmt: skip
+        val_loader = DataLoader(validation, batch_sampler=val_sampler, collate_fn=collate,
+                                num_workers=d.dataloader_num_workers)  # fmt: skip
+    return Loaders(loader, sampler, val_loader, data, latents, texts)

@@ -1,0 +1,164 @@
+"""The data check that runs before training: every item is opened once, and kept or skipped with a reason.
+
+Each image is fully decoded once (in threads; PIL releases the GIL while decoding), so corrupt, truncated or
+oversized files are skipped up front instead of failing mid-run. What the decode found about a file (size, hash,
+repairs, or why it is bad) is cached, keyed by path, size and modification time, so later runs only re-check
+captions. The report counts every reason; a run stops when more than `max_bad_fraction` of the items are bad.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ldm_tune.data.images import BadItem
+
+
+@dataclass
+class ItemInfo:
+    """A usable item: its index in the source, pixel size, content hash and valid captions."""
+
+    index: int
+    width: int
+    height: int
+    sha256: str
+    captions: list[str]
+
+
+@dataclass
+class DataReport:
+    """What the scan found: items kept, skipped by reason, repaired by kind, and a few examples of each."""
+
+    total: int = 0
+    kept: int = 0
+    bad: Counter = field(default_factory=Counter)
+    fixes: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+    downloads: str | None = None
+
+    def add(self, kind: Counter, reason: str, origin: str) -> None:
+        kind[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 3:
+            self.examples[reason].append(origin)
+
+    @property
+    def bad_fraction(self) -> float:
+        return sum(self.bad.values()) / max(self.total, 1)
+
+    def format(self, title: str = "data") -> str:
+        lines = [f"{title}: {self.total} items, {self.kept} kept, {sum(self.bad.values())} skipped "
+                 f"({self.bad_fraction:.1%})"]  # fmt: skip
+        if self.downloads:
+            lines.append(f"  downloads: {self.downloads}")
+        for label, counts in (("skipped", self.bad), ("repaired", self.fixes)):
+            for reason, count in counts.most_common():
+                lines.append(f"  {label:<9}{reason:<24}{count:>7}   e.g. {', '.join(self.examples.get(reason, []))}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "kept": self.kept, "bad": dict(self.bad), "fixes": dict(self.fixes),
+                "examples": self.examples, "downloads": self.downloads}  # fmt: skip
+
+
+def check_captions(caption) -> list[str]:
+    """The usable captions of an item (a list may hold several); raises `BadItem` when there is none."""
+    if caption is None:
+        raise BadItem("missing_caption")
+    if isinstance(caption, BadItem):
+        raise caption
+    captions = caption if isinstance(caption, (list, tuple)) else [caption]
+    if not all(isinstance(c, str) for c in captions):
+        raise BadItem("malformed_caption", repr(caption)[:80])
+    captions = [c.strip() for c in captions if c.strip()]
+    if not captions:
+        raise BadItem("empty_caption")
+    return captions
+
+
+def _file_key(path: Path) -> str | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def _decode_facts(source, index: int) -> dict:
+    """What decoding the image tells: size, hash and repairs, or the reason it is bad."""
+    fixes: list[str] = []
+    try:
+        image, _ = source.load(index, fixes)
+    except BadItem as error:
+        return {"reason": error.reason}
+    path = source.file(index)
+    digest = hashlib.sha256(path.read_bytes() if path is not None else image.tobytes()).hexdigest()
+    return {"width": image.width, "height": image.height, "sha256": digest, "fixes": fixes}
+
+
+class ScanCache:
+    """Decode facts of files, keyed by path, size and mtime (a changed file is decoded again)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.entries = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+    def save(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(self.entries))
+            os.replace(tmp, self.path)  # atomic: an interrupted save leaves the previous cache
+
+
+def scan_source(source, cfg, tokenizer=None, cache_path: Path | None = None, workers: int = 4,
+                progress: bool = True, report: DataReport | None = None) -> tuple[list[ItemInfo], DataReport]:  # fmt: skip
+    """Check every item of `source`; return the usable ones and the report."""
+    report = report or DataReport()
+    cache = ScanCache(cache_path)
+    keys = [_file_key(source.file(i)) if source.file(i) is not None else None for i in range(len(source))]
+    todo = [i for i in range(len(source)) if keys[i] is None or keys[i] not in cache.entries]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        decoded = dict(zip(todo, tqdm(pool.map(lambda i: _decode_facts(source, i), todo), total=len(todo),
+                                      desc="checking images", disable=not progress or not todo), strict=True))  # fmt: skip
+    for i, facts in decoded.items():
+        if keys[i] is not None:
+            cache.entries[keys[i]] = facts
+    if decoded:
+        cache.save()
+    items = []
+    for i in range(len(source)):
+        report.total += 1
+        facts = decoded.get(i) or cache.entries[keys[i]]
+        try:
+            items.append(_check_item(source, i, facts, cfg, tokenizer, report))
+            report.kept += 1
+        except BadItem as error:
+            report.add(report.bad, error.reason, source.origin(i))
+    return items, report
+
+
+def _check_item(source, index: int, facts: dict, cfg, tokenizer, report: DataReport) -> ItemInfo:
+    if "reason" in facts:
+        raise BadItem(facts["reason"])
+    captions = check_captions(source.caption(index))
+    width, height = facts["width"], facts["height"]
+    if min(width, height) < cfg.min_image_size:
+        raise BadItem("too_small", f"{width}x{height}")
+    if max(width, height) / min(width, height) > cfg.max_aspect_ratio:
+        raise BadItem("extreme_aspect_ratio", f"{width}x{height}")
+    for fix in facts["fixes"]:
+        report.add(report.fixes, fix, source.origin(index))
+    if tokenizer is not None:
+        lengths = [len(ids) for ids in tokenizer(captions, verbose=False).input_ids]
+        if max(lengths) > tokenizer.model_max_length:
+            # Kept: the text encoder sees the first model_max_length tokens, as at inference.
+            report.add(report.fixes, "caption_truncated", source.origin(index))
+    return ItemInfo(index, width, height, facts["sha256"], captions)

@@ -1,0 +1,241 @@
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm_tune.config import load_config
+from ldm_tune.data.buckets import BucketBatchSampler, assign_bucket, make_buckets
+from ldm_tune.data.images import BadItem, decode_image
+from ldm_tune.data.pipeline import prepare_data
+from ldm_tune.presets import build_tokenizer
+
+
+def png(path: Path, size=(48, 48), color=(200, 30, 30), mode="RGB") -> Path:
+    Image.new(mode, size, color).save(path)
+    return path
+
+
+def make_bad_corpus(root: Path, good: int = 20) -> dict:
+    """An image folder with one file of every bad kind; returns the expected counts per reason."""
+    root.mkdir(parents=True)
+    rows = [{"file_name": f"good{i}.png", "text": f"a red square {i}"} for i in range(good)]
+    for i in range(good):
+        png(root / f"good{i}.png")
+    rows.append({"file_name": "missing.png", "text": "gone"})
+    (root / "empty.png").write_bytes(b"")
+    rows.append({"file_name": "empty.png", "text": "zero bytes"})
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "full.png")
+    (root / "truncated.png").write_bytes((root / "full.png").read_bytes()[:6000])
+    rows.append({"file_name": "truncated.png", "text": "cut short"})
+    (root / "corrupt.png").write_bytes(os.urandom(500))
+    rows.append({"file_name": "corrupt.png", "text": "noise bytes"})
+    png(root / "bomb.png", (300, 300))  # over the test's max_image_pixels of 200 x 200
+    rows.append({"file_name": "bomb.png", "text": "bomb"})
+    png(root / "small.png", (16, 16))
+    rows.append({"file_name": "small.png", "text": "tiny"})
+    png(root / "wide.png", (300, 40))
+    rows.append({"file_name": "wide.png", "text": "a banner"})
+    png(root / "nocap.png")
+    rows.append({"file_name": "nocap.png"})
+    png(root / "emptycap.png")
+    rows.append({"file_name": "emptycap.png", "text": "   "})
+    png(root.parent / "outside.png")
+    rows.append({"file_name": "../outside.png", "text": "escape"})
+    os.symlink(root.parent / "outside.png", root / "link.png")
+    rows.append({"file_name": "link.png", "text": "symlink escape"})
+    # Repaired, not skipped:
+    Image.new("CMYK", (48, 48), (0, 255, 255, 0)).save(root / "cmyk.jpg")
+    rgba = Image.new("RGBA", (48, 48), (0, 0, 255, 0))
+    rgba.paste((0, 0, 255, 255), (0, 0, 24, 48))
+    rgba.save(root / "rgba.png")
+    Image.new("P", (48, 48), 3).save(root / "palette.png")
+    Image.new("LA", (48, 48), (100, 0)).save(root / "la.png")
+    Image.fromarray(np.full((48, 48), 30000, dtype=np.uint16)).save(root / "grey16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.new("RGB", (64, 40), (0, 200, 0)).save(root / "rotated.jpg", exif=exif)
+    frames = [Image.new("RGB", (48, 48), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(root / "anim.gif", save_all=True, append_images=frames[1:])
+    for name in ("cmyk.jpg", "rgba.png", "palette.png", "la.png", "grey16.png", "rotated.jpg", "anim.gif"):
+        rows.append({"file_name": name, "text": f"repaired {name}"})
+    rows.append({"file_name": "good0.png", "text": " ".join(["long"] * 100)})  # truncated caption: kept
+    lines = [json.dumps(r) for r in rows] + ["{not json", json.dumps({"text": "no file name"})]
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    expected_bad = {"missing_file": 1, "empty_file": 1, "truncated": 1, "corrupt": 1, "decompression_bomb": 1,
+                    "too_small": 1, "extreme_aspect_ratio": 1, "missing_caption": 1, "empty_caption": 1,
+                    "path_outside_folder": 2, "malformed_metadata": 2}  # fmt: skip
+    return {"bad": expected_bad, "kept": good + 8, "total": len(rows) + 2}
+
+
+def data_config(*overrides):
+    return load_config(None, ["model.pretrained_model_name_or_path=m", *overrides]).data
+
+
+def test_bad_corpus_report_counts_every_reason(tmp_path):
+    expected = make_bad_corpus(tmp_path / "corpus")
+    cfg = data_config(f"data.train_data_dir={tmp_path / 'corpus'}", "data.min_image_size=32",
+                      "data.max_image_pixels=40000", "data.max_bad_fraction=0.5", "data.resolution=32")  # fmt: skip
+    data = prepare_data(cfg, build_tokenizer(), progress=False, cache_dir=tmp_path / "cache")
+    report = data.report
+    assert dict(report.bad) == expected["bad"]
+    assert report.kept == expected["kept"] == len(data.train.items)
+    assert report.total == expected["total"]
+    for fix in ("converted_cmyk", "transparency_on_white", "converted_p", "sixteen_bit", "exif_rotated",
+                "animated_first_frame", "caption_truncated"):  # fmt: skip
+        assert report.fixes[fix] >= 1, fix
+    text = report.format()
+    assert "decompression_bomb" in text and "path_outside_folder" in text and "missing.png" not in text
+    # The second scan reads the decode results from the cache and reports the same.
+    again = prepare_data(cfg, build_tokenizer(), progress=False, cache_dir=tmp_path / "cache")
+    assert dict(again.report.bad) == expected["bad"] and again.report.kept == report.kept
+
+
+def test_too_many_bad_items_stop_the_run_with_the_report(tmp_path):
+    make_bad_corpus(tmp_path / "corpus", good=5)
+    cfg = data_config(f"data.train_data_dir={tmp_path / 'corpus'}", "data.max_bad_fraction=0.05")
+    with pytest.raises(
+        ValueError, match=r"(?s)of the training items are bad, more than `data.max_bad_fraction`.*corrupt"
+    ):
+        prepare_data(cfg, progress=False, cache_dir=tmp_path / "cache")
+
+
+def test_repairs_give_the_right_pixels(tmp_path):
+    make_bad_corpus(tmp_path / "c", good=1)
+    root = tmp_path / "c"
+    rgba = np.asarray(decode_image(root / "rgba.png", 10**8))
+    assert tuple(rgba[10, 40]) == (255, 255, 255) and tuple(rgba[10, 5]) == (0, 0, 255)  # transparent -> white
+    grey = np.asarray(decode_image(root / "grey16.png", 10**8))
+    assert abs(int(grey[0, 0, 0]) - round(30000 / 65535 * 255)) <= 1  # scaled, not clipped to 255
+    assert decode_image(root / "rotated.jpg", 10**8).size == (40, 64)  # EXIF orientation applied
+    fixes = []
+    assert np.asarray(decode_image(root / "anim.gif", 10**8, fixes))[0, 0, 0] > 200 and "animated_first_frame" in fixes
+    with pytest.raises(BadItem, match="truncated"):
+        decode_image(root / "truncated.png", 10**8)
+
+
+def test_sidecar_captions_and_non_utf8(tmp_path):
+    root = tmp_path / "side"
+    root.mkdir()
+    for name, caption in (("a", b"a red circle"), ("b", b"a blue square"), ("c", b"\xff\xfe bad")):
+        png(root / f"{name}.png")
+        (root / f"{name}.txt").write_bytes(caption)
+    png(root / "d.png")
+    (root / "d.caption").write_text("a green cross")
+    png(root / "e.png")  # no caption at all
+    data = prepare_data(data_config(f"data.train_data_dir={root}", "data.max_bad_fraction=0.5"), progress=False,
+                        cache_dir=tmp_path / "cache")  # fmt: skip
+    assert sorted(c for item in data.train.items for c in item.captions) == ["a blue square", "a green cross",
+                                                                             "a red circle"]  # fmt: skip
+    assert dict(data.report.bad) == {"non_utf8_caption": 1, "missing_caption": 1}
+
+
+def test_pair_list_with_local_paths_csv_and_bad_urls(tmp_path):
+    png(tmp_path / "one.png")
+    png(tmp_path / "two.png", color=(0, 0, 255))
+    rows = [{"image": "one.png", "text": "red"}, {"image_url": str(tmp_path / "two.png"), "text": "blue"},
+            {"image": "ftp://example.com/x.png", "text": "ftp"}, {"text": "no image"}]  # fmt: skip
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = prepare_data(data_config(f"data.train_data_file={tmp_path / 'pairs.jsonl'}", "data.max_bad_fraction=0.6"),
+                        progress=False, cache_dir=tmp_path / "cache")  # fmt: skip
+    assert [i.captions for i in data.train.items] == [["red"], ["blue"]]
+    assert dict(data.report.bad) == {"invalid_url": 1, "malformed_metadata": 1}
+    (tmp_path / "pairs.csv").write_text("image,text\none.png,red\ntwo.png,blue\n")
+    data = prepare_data(data_config(f"data.train_data_file={tmp_path / 'pairs.csv'}"), progress=False,
+                        cache_dir=tmp_path / "cache")  # fmt: skip
+    assert len(data.train.items) == 2
+
+
+def test_buckets_cover_the_aspect_range_at_constant_area():
+    buckets = make_buckets(512, 64, max_aspect=4.0)
+    assert buckets[0] == (512, 512)
+    for w, h in buckets:
+        assert w % 64 == 0 and h % 64 == 0 and w * h <= 512 * 512 and max(w, h) / min(w, h) <= 4.0
+    assert (768, 320) in buckets and (320, 768) in buckets
+    assert buckets[assign_bucket(1600, 900, buckets)] == (640, 384)  # 16:9 -> closest ratio 1.67
+    assert buckets[assign_bucket(1000, 1000, buckets)] == (512, 512)
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_bucket_sampler_sees_every_item_once_with_one_bucket_per_batch(processes):
+    item_buckets = [i % 3 for i in range(50)]
+    sampler = BucketBatchSampler(item_buckets, batch_size=4, seed=1, num_processes=processes)
+    epochs = []
+    for epoch in range(2):
+        sampler.start_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) and len(batches) % processes == 0
+        keys = [i for b in batches for _, i in b]
+        assert sorted(keys) == list(range(50))  # each item exactly once, no padding
+        assert all(len({item_buckets[i] for _, i in b}) == 1 for b in batches)
+        assert all(e == epoch for b in batches for e, _ in b)
+        epochs.append(keys)
+    assert epochs[0] != epochs[1]
+    sampler.start_epoch(0)
+    assert [i for b in sampler for _, i in b] == epochs[0]  # deterministic given seed and epoch
+
+
+def test_bucketed_training_batches_have_one_shape(make_config, tmp_path):
+    root = tmp_path / "mixed"
+    root.mkdir()
+    rows = []
+    for i, size in enumerate([(64, 64), (96, 48), (48, 96), (64, 64), (100, 50), (50, 100)] * 2):
+        png(root / f"{i}.png", size, color=(40 * (i % 6), 100, 50))
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"image {i}"}))
+    (root / "metadata.jsonl").write_text("\n".join(rows))
+    from ldm_tune.training import Trainer
+
+    config = make_config(f"data.train_data_dir={root}", "data.bucketing=true", "data.bucket_step=16",
+                         "data.resolution=32", "training.train_batch_size=2", "training.max_train_steps=6")  # fmt: skip
+    trainer = Trainer(config)
+    shapes = Counter(tuple(b["pixel_values"].shape[2:]) for b in trainer.train_loader)
+    assert len(shapes) == 3 and sum(shapes.values()) == 6  # square, landscape and portrait buckets
+    assert trainer.train()["global_step"] == 6
+
+
+def count_vae_encodes(monkeypatch):
+    from diffusers import AutoencoderKL
+
+    calls = Counter()
+    original = AutoencoderKL.encode
+
+    def counting(self, x, *args, **kwargs):
+        calls["images"] += x.shape[0]
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counting)
+    return calls
+
+
+def test_caches_encode_once_and_train_like_no_cache(make_config, shapes_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from ldm_tune.tracking import read_metrics
+    from ldm_tune.training import Trainer
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir / "train", data)
+    common = [f"data.train_data_dir={data}", "data.center_crop=true", "data.random_flip=true",
+              "training.max_train_steps=3", "logging.logging_steps=1", f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    cached = [*common, "data.cache_latents=true", "data.cache_text_embeddings=true"]
+    calls = count_vae_encodes(monkeypatch)
+    first = Trainer(make_config(*cached, output_dir=tmp_path / "a"))
+    assert first.loaders.latents_encoded == 12 and calls["images"] == 24  # 12 images and their flips, once
+    assert first.text_encoder is None and first.vae.encoder is None  # not kept in memory while training
+    first.train()
+    calls.clear()
+    second = Trainer(make_config(*cached, output_dir=tmp_path / "b"))
+    assert second.loaders.latents_encoded == 0 and second.loaders.texts_encoded == 0 and calls["images"] == 0
+    # Same keyed choices and noise: training from the caches gives the losses of training from pixels.
+    Trainer(make_config(*common, output_dir=tmp_path / "pixels")).train()
+    losses = [
+        [r["loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r] for run in ("a", "pixels")
+    ]
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-4, atol=1e-5)
+    png(data / "00003.png", (32, 32), color=(10, 200, 10))  # change one image: exactly it is encoded again
+    third = Trainer(make_config(*cached, output_dir=tmp_path / "c"))
+    assert third.loaders.latents_encoded == 1
