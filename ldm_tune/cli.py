@@ -1,4 +1,4 @@
-"""The `ldm-tune` command line: `train`, `generate`, `init-model`, `make-dataset`, `schedulers`."""
+"""The `ldm-tune` command line: `train`, `generate`, `init-model`, `make-dataset`, `inspect-data`, `schedulers`."""
 
 from __future__ import annotations
 
@@ -80,6 +80,12 @@ def _add_train(sub) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Dotted overrides of config keys.")
 
 
+def _add_inspect_data(sub) -> None:
+    parser = sub.add_parser("inspect-data", help="Check the data of a training config and print the report.")
+    parser.add_argument("--config", help="YAML training config (its model gives the tokenizer).")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Dotted overrides of config keys.")
+
+
 def _add_make_dataset(sub) -> None:
     parser = sub.add_parser("make-dataset", help="Write a procedural image-caption dataset (image folders).")
     parser.add_argument("kind", choices=["shapes"], help="shapes: coloured geometric shapes with captions.")
@@ -98,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_init_model(sub)
     _add_make_dataset(sub)
+    _add_inspect_data(sub)
     sub.add_parser("schedulers", help="List the sampler names, one line each.")
     return parser
 
@@ -163,6 +170,27 @@ def _run_train(args) -> None:
     print(f"Trained {summary['global_step']} steps; model in {config.output_dir}/pipeline")
 
 
+def _run_inspect_data(args) -> None:
+    from transformers import CLIPTokenizer
+
+    from ldm_tune.config import load_config
+    from ldm_tune.data.pipeline import prepare_data
+
+    config = load_config(args.config, args.overrides)
+    m = config.model
+    tokenizer = CLIPTokenizer.from_pretrained(
+        m.pretrained_model_name_or_path, subfolder="tokenizer", revision=m.revision
+    )
+    data = prepare_data(config.data, tokenizer, config.seed)  # raises (exit 2) past max_bad_fraction
+    print(data.report.format("training data"))
+    if data.validation_report is not None:
+        print(data.validation_report.format("validation data"))
+    elif data.validation is not None:
+        print(f"validation: {len(data.validation.items)} items held out of the training data")
+    buckets = sorted(set(data.train.sizes))
+    print(f"crop sizes: {', '.join(f'{w}x{h}' for w, h in buckets)}")
+
+
 def _run_make_dataset(args) -> None:
     from ldm_tune.data.shapes import make_shapes_dataset
 
@@ -176,6 +204,7 @@ COMMANDS = {
     "generate": _run_generate,
     "init-model": _run_init_model,
     "make-dataset": _run_make_dataset,
+    "inspect-data": _run_inspect_data,
     "schedulers": _run_schedulers,
 }
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,7 +70,11 @@ class Trainer:
         t = config.training
         self.output_dir = Path(config.output_dir)
         log_with = make_accelerator_trackers(config.logging.report_to)
+        # Accelerate only sets up CPU multi-process training (gloo) when told it runs on the CPU; a plain
+        # `torchrun --nproc_per_node N train.py` on a machine without GPUs would otherwise run N separate trainings.
+        cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.accelerator = Accelerator(
+            cpu=cpu_processes,
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             mixed_precision=t.mixed_precision,
             log_with=log_with,
@@ -203,9 +208,9 @@ class Trainer:
         acc.init_trackers(self.config.logging.tracker_project_name, config=_flat_scalars(to_dict(self.config)))
         try:
             self.run_loop()
+            return self.finish()
         finally:
-            acc.end_training()
-        return self.finish()
+            acc.end_training()  # also ends the process group: nothing collective may follow
 
     def _config_path(self) -> Path:
         # Keep the config of every (re)start: a resumed run with changed settings does not hide the original.

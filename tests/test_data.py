@@ -239,3 +239,90 @@ def test_caches_encode_once_and_train_like_no_cache(make_config, shapes_dir, tmp
     png(data / "00003.png", (32, 32), color=(10, 200, 10))  # change one image: exactly it is encoded again
     third = Trainer(make_config(*cached, output_dir=tmp_path / "c"))
     assert third.loaders.latents_encoded == 1
+
+
+def test_inspect_data_prints_the_report(tiny_model_dir, tmp_path, capsys):
+    from ldm_tune.cli import main
+
+    make_bad_corpus(tmp_path / "corpus")
+    args = ["inspect-data", f"model.pretrained_model_name_or_path={tiny_model_dir}",
+            f"data.train_data_dir={tmp_path / 'corpus'}", "data.max_bad_fraction=0.5", "data.min_image_size=32"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "training data: 41 items, 29 kept" in out and "truncated" in out and "crop sizes: 512x512" in out
+    assert main([*args[:-2], "data.max_bad_fraction=0.01"]) == 2
+    assert "more than `data.max_bad_fraction`" in capsys.readouterr().err
+
+
+def test_two_processes_see_every_item_once(tiny_model_dir, shapes_dir, tmp_path):
+    import subprocess
+    import sys
+
+    worker = Path(__file__).with_name("two_process_worker.py")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    overrides = [f"model.pretrained_model_name_or_path={tiny_model_dir}", f"data.train_data_dir={shapes_dir / 'train'}",
+                 f"data.validation_data_dir={shapes_dir / 'validation'}", "data.resolution=32",
+                 "training.train_batch_size=5", "training.max_train_steps=2", "validation.validation_steps=1",
+                 f"output_dir={tmp_path / 'run'}"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(worker), str(tmp_path),
+                             *overrides], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["processes"] == 2 and r["steps"] == 2 for r in ranks)
+    for epoch in ("0", "1"):
+        seen = ranks[0]["seen"][epoch] + ranks[1]["seen"][epoch]
+        assert sorted(seen) == list(range(ranks[0]["items"]))  # 12 items over 2 ranks: once each, none twice
+        assert len(ranks[0]["seen"][epoch]) > 0 and len(ranks[1]["seen"][epoch]) > 0
+    assert ranks[0]["best_val_loss"] == ranks[1]["best_val_loss"]  # validation loss gathered over both ranks
+
+
+@pytest.fixture
+def image_server():
+    """A local HTTP server: /red.png, /blue.png, anything else 404; counts requests per path."""
+    import io
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    hits = Counter()
+    bodies = {}
+    for name, color in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 40), color).save(buffer, format="PNG")
+        bodies[f"/{name}.png"] = buffer.getvalue()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits[self.path] += 1
+            body = bodies.get(self.path)
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    server.shutdown()
+
+
+def test_url_list_downloads_once_and_counts_failures(image_server, tmp_path):
+    base, hits = image_server
+    rows = [{"image": f"{base}/red.png", "text": "red"}, {"image_url": f"{base}/blue.png", "text": "blue"},
+            {"image": f"{base}/gone.png", "text": "404"}]  # fmt: skip
+    (tmp_path / "urls.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    overrides = [f"data.train_data_file={tmp_path / 'urls.jsonl'}", "data.max_bad_fraction=0.5",
+                 "data.download_retries=0"]  # fmt: skip
+    with pytest.raises(ValueError, match="private_address"):  # 127.0.0.1 is refused unless allowed
+        prepare_data(data_config(*overrides[:2]), progress=False, cache_dir=tmp_path / "cache")
+    assert sum(hits.values()) == 0
+    allowed = data_config(*overrides, "data.allow_private_urls=true")
+    data = prepare_data(allowed, progress=False, cache_dir=tmp_path / "cache")
+    assert sorted(c for i in data.train.items for c in i.captions) == ["blue", "red"]
+    assert dict(data.report.bad) == {"http_404": 1} and "downloaded 2" in data.report.downloads
+    again = prepare_data(allowed, progress=False, cache_dir=tmp_path / "cache")
+    assert hits["/red.png"] == hits["/blue.png"] == 1  # cached: not downloaded again
+    assert "cached 2" in again.report.downloads and len(again.train.items) == 2

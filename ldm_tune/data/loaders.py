@@ -69,7 +69,8 @@ def build_loaders(config: TrainConfig, accelerator, tokenizer, vae, text_encoder
     """Prepare the data (main process first), write the report, fill caches, and build the loaders."""
     d, t = config.data, config.training
     with accelerator.main_process_first():
-        data = prepare_data(d, tokenizer, config.seed, progress=accelerator.is_local_main_process)
+        data = prepare_data(d, tokenizer, config.seed, progress=accelerator.is_local_main_process,
+                            reuse_failures=not accelerator.is_main_process)  # fmt: skip
     if accelerator.is_main_process:
         logger.info("%s", data.report.format("training data"))
         output = Path(config.output_dir)

@@ -43,8 +43,9 @@ class PreparedData:
     validation_report: DataReport | None
 
 
-def _file_source(records, bad, cfg: DataConfig, cache_dir: Path, report: DataReport, progress: bool):
-    records, failed, downloads = resolve_urls(records, cfg, cache_dir, progress)
+def _file_source(records, bad, cfg: DataConfig, cache_dir: Path, report: DataReport, progress: bool,
+                 reuse_failures: bool = False):  # fmt: skip
+    records, failed, downloads = resolve_urls(records, cfg, cache_dir, progress, reuse_failures)
     report.downloads = downloads.summary() if downloads is not None else None
     for origin, reason in bad + failed:
         report.total += 1
@@ -52,11 +53,13 @@ def _file_source(records, bad, cfg: DataConfig, cache_dir: Path, report: DataRep
     return RecordSource(records, cfg.max_image_pixels)
 
 
-def _read(cfg: DataConfig, folder: str | None, cache_dir: Path, report: DataReport, progress: bool):
+def _read(cfg: DataConfig, folder: str | None, cache_dir: Path, report: DataReport, progress: bool,
+          reuse_failures: bool = False):  # fmt: skip
     if folder is not None:
         return _file_source(*read_image_folder(folder, cfg.caption_column), cfg, cache_dir, report, progress)
     if cfg.train_data_file is not None:
-        return _file_source(*read_pair_list(cfg.train_data_file, cfg.caption_column), cfg, cache_dir, report, progress)
+        records = read_pair_list(cfg.train_data_file, cfg.caption_column)
+        return _file_source(*records, cfg, cache_dir, report, progress, reuse_failures)
     return HFDatasetSource.from_config(cfg)
 
 
@@ -79,12 +82,15 @@ def _split(source, items: list[ItemInfo], cfg: DataConfig) -> Split:
 
 
 def prepare_data(cfg: DataConfig, tokenizer=None, seed: int = 0, cache_dir: str | Path | None = None,
-                 progress: bool = True, workers: int | None = None) -> PreparedData:  # fmt: skip
-    """Read, download, scan, split and bucket the data of `cfg`; raises if too much of it is bad."""
+                 progress: bool = True, workers: int | None = None, reuse_failures: bool = False) -> PreparedData:  # fmt: skip
+    """Read, download, scan, split and bucket the data of `cfg`; raises if too much of it is bad.
+
+    `reuse_failures`: take this run's failed downloads from the main process instead of retrying them.
+    """
     cache_dir = Path(cache_dir or cfg.cache_dir or default_cache_dir())
     workers = workers or max(2, os.cpu_count() or 2)
     report = DataReport()
-    source = _read(cfg, cfg.train_data_dir, cache_dir, report, progress)
+    source = _read(cfg, cfg.train_data_dir, cache_dir, report, progress, reuse_failures)
     scan_path = _scan_cache_path(cache_dir, cfg)
     items, report = scan_source(source, cfg, tokenizer, scan_path, workers, progress, report)
     _check_fraction(report, cfg, "training")

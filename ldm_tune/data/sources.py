@@ -200,18 +200,31 @@ def read_pair_list(path: str | Path, caption_column: str = "text") -> tuple[list
     return records, bad
 
 
-def resolve_urls(records: list[Record], cfg: DataConfig, cache_dir: Path, progress: bool = True):
-    """Download http(s) images once into the cache; returns (local records, bad items, download report)."""
+def resolve_urls(records: list[Record], cfg: DataConfig, cache_dir: Path, progress: bool = True,
+                 reuse_failures: bool = False):  # fmt: skip
+    """Download http(s) images once into the cache; returns (local records, bad items, download report).
+
+    Failures are not cached across runs (they may be transient), but within a run the main process records them
+    and the other processes (`reuse_failures=True`) take its answers, so every process keeps the same items.
+    """
     urls = [r.image for r in records if r.image.startswith(("http://", "https://"))]
     if not urls:
         return records, [], None
     from ldm_tune.data.download import download_images
 
+    failures_file = cache_dir / "downloads" / "failures-of-last-run.json"
+    known = json.loads(failures_file.read_text()) if reuse_failures and failures_file.is_file() else {}
     results, report = download_images(
-        urls, cache_dir / "downloads", workers=cfg.download_workers, connect_timeout=cfg.download_timeout,
-        read_timeout=cfg.download_timeout, total_timeout=cfg.download_total_timeout, retries=cfg.download_retries,
-        max_bytes=cfg.max_download_bytes, allow_private_urls=cfg.allow_private_urls, progress=progress,
+        [u for u in urls if u not in known], cache_dir / "downloads", workers=cfg.download_workers,
+        connect_timeout=cfg.download_timeout, read_timeout=cfg.download_timeout,
+        total_timeout=cfg.download_total_timeout, retries=cfg.download_retries, max_bytes=cfg.max_download_bytes,
+        allow_private_urls=cfg.allow_private_urls, progress=progress,
     )  # fmt: skip
+    results.update(known)
+    if not reuse_failures:
+        failures = {url: r for url, r in results.items() if isinstance(r, str)}
+        failures_file.parent.mkdir(parents=True, exist_ok=True)
+        failures_file.write_text(json.dumps(failures))
     local, bad = [], []
     for record in records:
         result = results.get(record.image, Path(record.image))

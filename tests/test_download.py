@@ -1,0 +1,428 @@
+"""`download_images` against a local HTTP server on 127.0.0.1 (offline): reasons, safety, bounds, cache, retries."""
+
+import hashlib
+import io
+import ipaddress
+import json
+import socket
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import parse_qs, quote, urlsplit
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm_tune.data import download
+from ldm_tune.data.download import MAX_REDIRECTS, DownloadReport, download_images
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+MAX_BYTES = 50_000  # the tests' max_bytes: BIG is over it, the small images far under
+PNG = _encode(Image.new("RGB", (8, 8), (200, 30, 30)), "PNG")
+JPEG = _encode(Image.new("RGB", (8, 8), (30, 200, 30)), "JPEG")
+# A real PNG (noise does not compress), so without the size cap it would download fine.
+BIG = _encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=np.uint8)), "PNG")
+# Cut in half: the header parses (Image.open succeeds), the pixels do not (only .load() finds out).
+TRUNCATED = _encode(Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)), "PNG")
+TRUNCATED = TRUNCATED[: len(TRUNCATED) // 2]
+HTML = b"<!doctype html><html><body><p>Not an image.</p></body></html>"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "_Server"
+
+    def log_message(self, format, *args):  # keep pytest output clean
+        pass
+
+    def do_GET(self):
+        with self.server.lock:
+            self.server.hits[self.path] += 1
+        parts = urlsplit(self.path)
+        try:
+            self._route(parts.path, parts.query, parse_qs(parts.query))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client stopped reading (too_large, timeout): that is the point of those routes
+
+    def _send(self, code: int, body: bytes, content_type: str, length: int | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _route(self, path: str, query: str, params: dict) -> None:
+        if path == "/img.png":
+            self._send(200, PNG, "image/png")
+        elif path == "/img2.jpg":
+            self._send(200, JPEG, "image/jpeg")
+        elif path == "/truncated.png":
+            self._send(200, TRUNCATED, "image/png")
+        elif path == "/page.html":
+            self._send(200, HTML, "text/html")
+        elif path == "/big":
+            self._send(200, BIG, "image/png")
+        elif path == "/big-nolength":  # HTTP/1.0 without a length: the body ends when the connection closes
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            for start in range(0, len(BIG), 4096):
+                self.wfile.write(BIG[start : start + 4096])
+        elif path == "/declared-huge":  # only the header is too large: reading the body would end otherwise
+            self._send(200, PNG, "image/png", length=10**9)
+        elif path == "/slow":  # 5 bytes every 0.3 s: no single read ever times out
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", "10000")
+            self.end_headers()
+            for _ in range(100):
+                self.wfile.write(b"x" * 5)
+                time.sleep(0.3)
+        elif path == "/stall":  # headers, then silence: each attempt ends by the read timeout
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", "10000")
+            self.end_headers()
+            time.sleep(3)
+        elif path == "/loop":
+            self._redirect(self.path)
+        elif path == "/redirect":
+            self._redirect(params.get("to", ["/img.png"])[0])  # relative by default
+        elif path == "/flaky":
+            with self.server.lock:
+                first = query not in self.server.flaky_seen
+                self.server.flaky_seen.add(query)
+            if first:
+                self._send(int(params.get("code", ["500"])[0]), b"try again", "text/plain")
+            else:
+                self._send(200, PNG, "image/png")
+        else:
+            self._send(404, b"not found", "text/plain")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.lock = threading.Lock()
+        self.hits: Counter = Counter()  # request path with query -> number of requests
+        self.flaky_seen: set[str] = set()
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def hits_of(self, url: str) -> int:
+        parts = urlsplit(url)
+        with self.lock:
+            return self.hits[parts.path + (f"?{parts.query}" if parts.query else "")]
+
+    def snapshot(self) -> Counter:
+        with self.lock:
+            return Counter(self.hits)
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = _Server()
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch):
+    # A proxy from the environment would receive the 127.0.0.1 requests instead of the test server.
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
+def fetch(urls, cache_dir, **overrides):
+    """download_images with the tests' short bounds; the server is on 127.0.0.1, so private URLs are allowed."""
+    kwargs = dict(
+        workers=4,
+        connect_timeout=2.0,
+        read_timeout=2.0,
+        total_timeout=3.0,
+        retries=0,
+        backoff=0.01,
+        max_bytes=MAX_BYTES,
+        allow_private_urls=True,
+        progress=False,
+    )
+    kwargs.update(overrides)
+    return download_images(urls, cache_dir, **kwargs)
+
+
+def objects(cache_dir):
+    return sorted(p for p in (cache_dir / "objects").rglob("*") if p.is_file())
+
+
+def test_each_url_ends_in_its_reason(server, tmp_path):
+    img, img2 = server.url("/img.png?t=reasons"), server.url("/img2.jpg?t=reasons")
+    expected = {
+        server.url("/missing?t=reasons"): "http_404",
+        server.url("/page.html?t=reasons"): "not_an_image",
+        server.url("/truncated.png?t=reasons"): "not_an_image",
+        server.url("/big?t=reasons"): "too_large",
+        server.url("/big-nolength?t=reasons"): "too_large",
+        server.url("/declared-huge?t=reasons"): "too_large",
+        server.url("/slow?t=reasons"): "timeout",
+        server.url("/loop?t=reasons"): "too_many_redirects",
+        "ftp://x/y.png": "invalid_url",
+        "not a url": "invalid_url",
+        "file:///etc/passwd": "invalid_url",
+        "http://": "invalid_url",
+        "http://[::1": "invalid_url",
+        "": "invalid_url",
+    }
+    redirect = server.url("/redirect?t=reasons")
+    start = time.monotonic()
+    results, report = fetch([img, img2, redirect, *expected], tmp_path, total_timeout=1.5, read_timeout=1.0)
+    elapsed = time.monotonic() - start
+
+    # /slow trickles for 30 s and never stalls a single read past read_timeout: only the total deadline ends it.
+    assert elapsed < 5.0, elapsed
+    assert {url: r for url, r in results.items() if isinstance(r, str)} == expected
+    assert results[img].read_bytes() == PNG and results[img].suffix == ".png"
+    assert results[img2].read_bytes() == JPEG and results[img2].suffix == ".jpg"
+    for path in (results[img], results[img2]):
+        with Image.open(path) as image:
+            image.load()
+    assert results[redirect] == results[img]  # the relative Location was followed to the same PNG
+    assert server.hits_of(server.url("/loop?t=reasons")) == MAX_REDIRECTS + 1
+    assert report.downloaded == 3 and report.cached == 0
+
+
+def test_total_deadline_covers_retries(server, tmp_path):
+    # The deadline is per URL, not per attempt: a timed-out URL is not retried past it.
+    url = server.url("/slow?t=deadline")
+    start = time.monotonic()
+    results, _ = fetch([url], tmp_path, total_timeout=1.0, read_timeout=1.0, retries=2)
+    assert results[url] == "timeout"
+    assert time.monotonic() - start < 2.5
+    assert server.hits_of(url) == 1
+
+    # Read timeouts are retried, but only while the URL's deadline lasts (6 attempts of 0.4 s would be 2.4 s).
+    url = server.url("/stall?t=deadline")
+    start = time.monotonic()
+    results, _ = fetch([url], tmp_path, total_timeout=1.0, read_timeout=0.4, retries=5)
+    assert results[url] == "timeout"
+    assert time.monotonic() - start < 2.0
+    assert 2 <= server.hits_of(url) <= 3
+
+
+def test_private_addresses_are_refused_without_a_request(server, tmp_path):
+    urls = [
+        server.url("/img.png?t=private"),
+        f"http://localhost:{server.port}/img.png?t=private",
+        f"http://[::ffff:127.0.0.1]:{server.port}/img.png?t=private",
+        # urllib.parse reads the host as example.com here, urllib3 connects to 127.0.0.1
+        f"http://127.0.0.1:{server.port}\\@example.com/img.png?t=private",
+    ]
+    before = server.snapshot()
+    results, report = fetch(urls, tmp_path, allow_private_urls=False)
+    assert results == dict.fromkeys(urls, "private_address")
+    assert report.failed == Counter(private_address=len(urls))
+    assert server.snapshot() == before
+    assert objects(tmp_path) == []
+
+
+def test_every_redirect_hop_is_checked(server, tmp_path, monkeypatch):
+    # Trust 127.0.0.1 only, so a redirect to `localhost` (the same server) must be refused at the hop.
+    real_check = download._check_target
+    monkeypatch.setattr(download, "_check_target", lambda url, allow: real_check(url, allow or "//127.0.0.1:" in url))
+    target = f"http://localhost:{server.port}/img.png?t=hop"
+    to_private = server.url(f"/redirect?t=hop1&to={quote(target, safe='')}")
+    to_ftp = server.url(f"/redirect?t=hop2&to={quote('ftp://x/y.png', safe='')}")
+    results, _ = fetch([to_private, to_ftp], tmp_path, allow_private_urls=False)
+    assert results == {to_private: "private_address", to_ftp: "invalid_url"}
+    assert server.hits_of(to_private) == 1
+    assert server.hits_of(target) == 0
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0", "224.0.0.1", "240.0.0.1",
+     "100.100.100.200", "::1", "::", "fe80::1", "fc00::1", "ff02::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1"],
+)  # fmt: skip
+def test_non_public_addresses_are_disallowed(address):
+    assert download._is_disallowed_ip(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "93.184.216.34", "2606:4700:4700::1111", "::ffff:8.8.8.8"])
+def test_public_addresses_are_allowed(address):
+    assert not download._is_disallowed_ip(ipaddress.ip_address(address))
+
+
+def _fake_dns(answers):
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host not in answers:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in answers[host]]
+
+    return SimpleNamespace(getaddrinfo=getaddrinfo, SOCK_STREAM=socket.SOCK_STREAM)
+
+
+def test_dns_failure_and_any_private_answer(monkeypatch, tmp_path):
+    # Fake DNS inside the module only: neither name needs (or reaches) a real resolver.
+    monkeypatch.setattr(download, "socket", _fake_dns({"mixed.example": ["8.8.8.8", "10.0.0.7"]}))
+    urls = ["http://nowhere.invalid/a.png", "https://mixed.example/a.png"]
+    results, _ = fetch(urls, tmp_path, allow_private_urls=False)
+    assert results == {urls[0]: "dns_error", urls[1]: "private_address"}
+
+
+def test_connection_refused_is_a_connection_error(tmp_path):
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/a.png"
+    results, report = fetch([url], tmp_path, retries=1)
+    assert results[url] == "connection_error"
+    assert report.failed == Counter(connection_error=1)
+
+
+def test_second_call_uses_the_cache(server, tmp_path):
+    img, img2 = server.url("/img.png?t=cache"), server.url("/img2.jpg?t=cache")
+    redirect = server.url("/redirect?t=cache")
+    missing = server.url("/missing?t=cache")
+    urls = [img, img2, redirect, missing]
+    first, report1 = fetch(urls, tmp_path)
+    assert report1.downloaded == 3
+    before = server.snapshot()
+
+    second, report2 = fetch(urls, tmp_path)
+    assert second == first
+    assert (report2.downloaded, report2.cached, report2.failed) == (0, 3, Counter(http_404=1))
+    # No request for the successes (nor the redirect's target); the failure is not cached, so it is retried.
+    assert server.snapshot() - before == Counter({"/missing?t=cache": 1})
+
+    first[img2].unlink()  # an index entry whose object is gone is downloaded again
+    third, report3 = fetch(urls, tmp_path)
+    assert (report3.downloaded, report3.cached) == (1, 2)
+    assert third[img2] == first[img2] and first[img2].read_bytes() == JPEG
+
+
+def test_same_bytes_are_stored_once(server, tmp_path):
+    urls = [server.url("/img.png?t=dedup-a"), server.url("/img.png?t=dedup-b"), server.url("/flaky?t=dedup")]
+    results, report = fetch(urls, tmp_path, retries=1)
+    assert report.downloaded == 3
+    assert len(set(results.values())) == 1
+    assert objects(tmp_path) == [results[urls[0]]]
+    lines = (tmp_path / "index.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["url"] for line in lines) == sorted(urls)
+
+
+def test_retries_only_for_transient_failures(server, tmp_path):
+    flaky_500, flaky_429 = server.url("/flaky?t=retry-500"), server.url("/flaky?t=retry-429&code=429")
+    missing = server.url("/missing?t=retry")
+    results, _ = fetch([flaky_500, flaky_429, missing], tmp_path, retries=1)
+    assert isinstance(results[flaky_500], Path) and isinstance(results[flaky_429], Path)
+    assert results[flaky_500].read_bytes() == PNG
+    assert server.hits_of(flaky_500) == 2 and server.hits_of(flaky_429) == 2
+    assert results[missing] == "http_404" and server.hits_of(missing) == 1
+
+    no_retry = server.url("/flaky?t=retry-none")
+    results, _ = fetch([no_retry], tmp_path, retries=0)
+    assert results[no_retry] == "http_500" and server.hits_of(no_retry) == 1
+
+
+def test_report_counts_add_up(server, tmp_path):
+    cached = server.url("/img.png?t=report-cached")
+    fetch([cached], tmp_path)
+    urls = [
+        cached,
+        server.url("/img.png?t=report"),
+        server.url("/img2.jpg?t=report"),
+        server.url("/img2.jpg?t=report"),  # a duplicate: fetched once, reported once
+        server.url("/missing?t=report"),
+        server.url("/page.html?t=report"),
+        server.url("/big?t=report"),
+        "ftp://x/y.png",
+        "ftp://x/y.png",
+    ]
+    results, report = fetch(urls, tmp_path)
+    distinct = len(set(urls))
+    assert list(results) == list(dict.fromkeys(urls))
+    assert report.downloaded + report.cached + sum(report.failed.values()) == distinct == 7
+    assert (report.downloaded, report.cached) == (2, 1)
+    assert report.failed == Counter(http_404=1, not_an_image=1, too_large=1, invalid_url=1)
+    assert server.hits_of(server.url("/img2.jpg?t=report")) == 1
+    summary = report.summary()
+    assert summary.startswith("downloaded 2, cached 1, failed 4 (")
+    for reason in report.failed:
+        assert f"{reason}: 1" in summary
+
+
+def test_summary_format():
+    report = DownloadReport(downloaded=3, cached=5, failed=Counter(timeout=1, http_404=1))
+    assert report.summary() == "downloaded 3, cached 5, failed 2 (http_404: 1, timeout: 1)"
+    assert DownloadReport().summary() == "downloaded 0, cached 0, failed 0"
+
+
+def test_truncated_index_line_is_tolerated(server, tmp_path):
+    gone = server.url("/img2.jpg?t=index-gone")
+    index = tmp_path / "index.jsonl"
+    # A record whose object file is missing, then a line cut short by a kill mid-append (no newline).
+    index.write_text(
+        json.dumps({"url": gone, "sha256": "0" * 64, "path": f"objects/00/{'0' * 64}.jpg"})
+        + '\n{"url": "http://example.com/a.png", "sha2'
+    )
+    url = server.url("/img.png?t=index")
+    results, report = fetch([url, gone], tmp_path)
+    assert (report.downloaded, report.cached) == (2, 0)
+    assert not [p for p in (tmp_path / "objects").rglob("*") if ".tmp" in p.name]
+    records = []
+    for line in index.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            assert line.startswith('{"url": "http://example.com/a.png"')  # only the old cut-short line
+    new = {r["url"]: r for r in records[1:]}
+    assert set(new) == {url, gone}  # not glued onto the cut-short line
+    for record in new.values():
+        path = tmp_path / record["path"]
+        assert path == results[record["url"]]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == record["sha256"]
+        assert path.relative_to(tmp_path).parts[:2] == ("objects", record["sha256"][:2])
+    _, again = fetch([url, gone], tmp_path)
+    assert (again.downloaded, again.cached) == (0, 2)
+
+
+def test_interrupted_write_leaves_no_object(server, tmp_path, monkeypatch):
+    def replace_fails(src, dst):
+        raise OSError("disk went away")
+
+    url = server.url("/img.png?t=atomic")
+    with monkeypatch.context() as patch:
+        patch.setattr(download.os, "replace", replace_fails)
+        with pytest.raises(OSError, match="disk went away"):
+            fetch([url], tmp_path)
+    assert objects(tmp_path) == []  # neither a final object nor a temporary file
+    assert not (tmp_path / "index.jsonl").exists() or url not in (tmp_path / "index.jsonl").read_text()
+    results, report = fetch([url], tmp_path)
+    assert report.downloaded == 1 and results[url].read_bytes() == PNG
