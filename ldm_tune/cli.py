@@ -177,11 +177,14 @@ def _run_inspect_data(args) -> None:
     from ldm_tune.data.pipeline import prepare_data
 
     config = load_config(args.config, args.overrides)
-    m = config.model
+    m, d = config.model, config.data
     tokenizer = CLIPTokenizer.from_pretrained(
         m.pretrained_model_name_or_path, subfolder="tokenizer", revision=m.revision
     )
-    data = prepare_data(config.data, tokenizer, config.seed)  # raises (exit 2) past max_bad_fraction
+    if d.train_shards is not None or d.streaming:
+        _inspect_stream(config, tokenizer)
+        return
+    data = prepare_data(d, tokenizer, config.seed)  # raises (exit 2) past max_bad_fraction
     print(data.report.format("training data"))
     if data.validation_report is not None:
         print(data.validation_report.format("validation data"))
@@ -189,6 +192,31 @@ def _run_inspect_data(args) -> None:
         print(f"validation: {len(data.validation.items)} items held out of the training data")
     buckets = sorted(set(data.train.sizes))
     print(f"crop sizes: {', '.join(f'{w}x{h}' for w, h in buckets)}")
+
+
+def _inspect_stream(config, tokenizer) -> None:
+    from collections import Counter
+
+    from ldm_tune.data.dataset import TextImageDataset
+    from ldm_tune.data.loaders import stream_loader
+
+    class _OneProcess:  # reading a stream for a report needs no distributed set-up
+        num_processes, device = 1, torch.device("cpu")
+
+    transforms = TextImageDataset(None, [], [], tokenizer, center_crop=config.data.center_crop)
+    stream = stream_loader(config, _OneProcess(), transforms)
+    stream.start_epoch(0)
+    kept, skipped, sizes = 0, Counter(), Counter()
+    for batch in stream:
+        kept += len(batch["keys"])
+        skipped.update(batch["skipped"])
+        if "pixel_values" in batch:
+            sizes[tuple(batch["pixel_values"].shape[:1:-1])] += len(batch["keys"])
+    print(f"streamed training data: {kept + sum(skipped.values())} samples, {kept} kept, "
+          f"{sum(skipped.values())} skipped")  # fmt: skip
+    for reason, count in skipped.most_common():
+        print(f"  skipped  {reason:<24}{count:>7}")
+    print(f"crop sizes: {', '.join(f'{w}x{h}' for w, h in sorted(sizes))}")
 
 
 def _run_make_dataset(args) -> None:

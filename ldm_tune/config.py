@@ -42,6 +42,10 @@ class DataConfig:
     train_data_file: str | None = _f(
         None, "JSONL or CSV of pairs: image (local path, relative to the file, or http(s) URL) and caption."
     )
+    train_shards: str | None = _f(
+        None, "WebDataset .tar shards, streamed: a path, a brace pattern (data/{000..099}.tar) or an http(s) URL."
+    )
+    streaming: bool = _f(False, "Stream `dataset_name` (datasets' streaming=True) instead of downloading it all.")
     validation_split: float = _f(0.0, "Fraction of the training items held out for validation loss (0: none).")
     validation_data_dir: str | None = _f(None, "A separate image folder for validation loss.")
     validation_dataset_split: str | None = _f(None, "A split of `dataset_name` for validation loss, e.g. validation.")
@@ -251,11 +255,25 @@ def validate(config: TrainConfig) -> None:
     m, d, t, c, v = config.model, config.data, config.training, config.checkpointing, config.validation
     if not m.pretrained_model_name_or_path:
         raise ValueError("`model.pretrained_model_name_or_path` is required (a model folder or hub id).")
-    sources = [k for k in ("train_data_dir", "train_data_file", "dataset_name") if getattr(d, k) is not None]
+    keys = ("train_data_dir", "train_data_file", "dataset_name", "train_shards")
+    sources = [k for k in keys if getattr(d, k) is not None]
     if len(sources) != 1:
         raise ValueError(
-            f"Set exactly one of `data.train_data_dir`, `data.train_data_file` and `data.dataset_name`, got {sources}."
+            "Set exactly one of `data.train_data_dir`, `data.train_data_file`, `data.dataset_name` and "
+            f"`data.train_shards`, got {sources}."
         )
+    if d.streaming and d.dataset_name is None:
+        raise ValueError("`data.streaming` applies to `data.dataset_name`; tar shards are always streamed.")
+    if d.streaming or d.train_shards is not None:
+        problems = [k for k, bad in (("training.max_train_steps", t.max_train_steps is None),
+                                     ("data.validation_split", d.validation_split > 0),
+                                     ("data.cache_latents", d.cache_latents),
+                                     ("data.cache_text_embeddings", d.cache_text_embeddings)) if bad]  # fmt: skip
+        if problems:
+            raise ValueError(
+                f"A streamed source has no known length and is never stored: set `training.max_train_steps`, and "
+                f"use `validation_data_dir`/`validation_dataset_split` and no caches; check {problems}."
+            )
     if d.cache_latents and not d.center_crop:
         raise ValueError(
             "`data.cache_latents` needs a fixed crop: set `data.center_crop: true`; a random crop changes the "

@@ -8,12 +8,13 @@ under Accelerate's autocast. The loop is split like guided-diffusion's TrainLoop
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from ldm_tune.checkpointing import CheckpointManager, write_model_card
 from ldm_tune.components import freeze, load_components, save_model_folder, vae_space_to_latents
 from ldm_tune.config import TrainConfig, save_config, to_dict
 from ldm_tune.data.loaders import build_loaders
+from ldm_tune.data.streaming import MainProcessStream
 from ldm_tune.io_utils import save_atomically
 from ldm_tune.losses import denoising_loss, draw
 from ldm_tune.tracking import MetricsLogger, make_accelerator_trackers
@@ -52,7 +54,8 @@ class TrainState:
     nonfinite_total: int = 0
     best_val_loss: float | None = None
     best_val_step: int | None = None
-    items_skipped: int = 0  # items that failed to load during training (the scan had found them usable)
+    items_skipped: int = 0  # items skipped during training: streamed bad samples, or files changed since the scan
+    skipped_by_reason: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -140,7 +143,8 @@ class Trainer:
                                 self.weight_dtype)  # fmt: skip
         self.loaders, self.sampler = loaders, loaders.sampler
         self.train_loader, self.val_loader = loaders.train, loaders.validation
-        self.train_items = len(loaders.data.train.items)
+        streamed = d.train_shards is not None or d.streaming
+        self.train_items = "streamed" if streamed else len(loaders.data.train.items)
         # With a cache the encoder is not needed during training: free its memory (validation images reload the
         # text encoder from disk; the VAE decoder stays for them).
         if d.cache_latents:
@@ -158,10 +162,15 @@ class Trainer:
         # Fused AdamW (one kernel for all parameters) on CUDA; the multi-tensor foreach path elsewhere.
         kwargs["fused" if acc.device.type == "cuda" else "foreach"] = True
         optimizer = torch.optim.AdamW(self.unet.parameters(), **kwargs)
-        self.unet, self.optimizer, self.train_loader = acc.prepare(self.unet, optimizer, self.train_loader)
+        self.streaming = isinstance(self.train_loader, MainProcessStream)
+        if self.streaming:  # the stream shards its batches itself (see ldm_tune.data.streaming)
+            self.unet, self.optimizer = acc.prepare(self.unet, optimizer)
+        else:
+            self.unet, self.optimizer, self.train_loader = acc.prepare(self.unet, optimizer, self.train_loader)
         if self.val_loader is not None:
             self.val_loader = acc.prepare(self.val_loader)
-        self.updates_per_epoch = math.ceil(len(self.train_loader) / t.gradient_accumulation_steps)
+        if not self.streaming:
+            self.updates_per_epoch = math.ceil(len(self.train_loader) / t.gradient_accumulation_steps)
         self.max_train_steps = t.max_train_steps or t.num_train_epochs * self.updates_per_epoch
         # A prepared scheduler steps once per process per update (diffusers PR #8312), so scale its lengths.
         lr_scheduler = get_scheduler(t.lr_scheduler, optimizer=self.optimizer,
@@ -219,7 +228,7 @@ class Trainer:
 
     def run_loop(self) -> None:
         """Iterate epochs and batches until `max_train_steps` updates; resumes mid-epoch at the saved position."""
-        if self.state.batch_in_epoch >= len(self.train_loader):
+        if not self.streaming and self.state.batch_in_epoch >= len(self.train_loader):
             self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
         self.progress = tqdm(total=self.max_train_steps, initial=self.state.global_step, desc="training",
                              disable=not self.accelerator.is_local_main_process)  # fmt: skip
@@ -228,7 +237,9 @@ class Trainer:
         while self.state.global_step < self.max_train_steps:
             self.sampler.start_epoch(self.state.epoch)
             loader = self.train_loader
-            if self.state.batch_in_epoch:
+            if self.state.batch_in_epoch and self.streaming:  # a stream can only be read past, in order
+                loader = itertools.islice(iter(self.train_loader), self.state.batch_in_epoch, None)
+            elif self.state.batch_in_epoch:
                 loader = self.accelerator.skip_first_batches(self.train_loader, self.state.batch_in_epoch)
             for batch in loader:
                 self.state.batch_in_epoch += 1
@@ -241,9 +252,9 @@ class Trainer:
     def run_step(self, batch: dict) -> bool:
         """One micro-batch; at the end of an accumulation window, update, then log/evaluate/save. True if updated."""
         acc, t = self.accelerator, self.config.training
-        if batch["skipped"]:
-            self.state.items_skipped += len(batch["skipped"])
-            logger.warning("Skipped %d item(s) that failed to load: %s", len(batch["skipped"]), batch["skipped"])
+        for reason in batch["skipped"]:
+            self.state.items_skipped += 1
+            self.state.skipped_by_reason[reason] = self.state.skipped_by_reason.get(reason, 0) + 1
         if len(batch["keys"]) == 0:
             return False  # every item of the batch failed to load (files changed since the scan)
         with acc.accumulate(self.unet):
@@ -308,7 +319,7 @@ class Trainer:
         if state.global_step % cfg.logging.logging_steps == 0 or state.global_step == self.max_train_steps:
             record = {"step": state.global_step, "epoch": state.epoch, "loss": None if skipped else loss, "lr": lr,
                       "samples_per_s": samples_per_s, "nonfinite_total": state.nonfinite_total,
-                      "items_skipped": state.items_skipped}  # fmt: skip
+                      "items_skipped": state.items_skipped, "skipped_by_reason": dict(state.skipped_by_reason)}  # fmt: skip
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
             self.metrics.log(record)

@@ -61,7 +61,7 @@ def test_data_source_and_model_are_required():
     with pytest.raises(ValueError, match="`model.pretrained_model_name_or_path` is required"):
         load_config(None, ["data.train_data_dir=d"])
     with pytest.raises(
-        ValueError, match="exactly one of `data.train_data_dir`, `data.train_data_file` and `data.dataset_name`"
+        ValueError, match="exactly one of `data.train_data_dir`, `data.train_data_file`, `data.dataset_name` and"
     ):
         load_config(None, ["model.pretrained_model_name_or_path=m"])
 

@@ -48,10 +48,9 @@ class TextImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def choices(self, epoch: int, position: int) -> tuple[str, bool, np.random.Generator]:
+    def choices(self, epoch: int, position: int, captions: list[str]) -> tuple[str, bool, np.random.Generator]:
         """The item's keyed random choices: caption (after dropout) and flip; the generator continues to the crop."""
         rng = np.random.default_rng(item_seed(self.seed, STREAM_DATA, epoch, position))
-        captions = self.items[position].captions
         caption = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
         # Caption dropout: train the unconditional branch that classifier-free guidance needs (Ho & Salimans 2022).
         if rng.random() < self.caption_dropout:
@@ -63,25 +62,32 @@ class TextImageDataset(Dataset):
         return self.tokenizer(caption, padding="max_length", max_length=self.tokenizer.model_max_length,
                               truncation=True, return_tensors="pt").input_ids[0]  # fmt: skip
 
-    def __getitem__(self, key) -> dict:
-        epoch, position = key
-        item = self.items[position]
-        caption, flip, rng = self.choices(epoch, position)
-        out = {"key": torch.tensor([epoch, position])}
-        if self.latent_cache is not None:
-            out["latent_mean"], out["latent_std"] = self.latent_cache.load(item.sha256, self.sizes[position], flip)
-        else:
-            try:
-                image, _ = self.source.load(item.index)
-            except BadItem as error:  # the file changed since the scan: skip, counted by the trainer
-                return {"bad": error.reason, **out}
-            out["pixel_values"] = preprocess(image, self.sizes[position], self.center_crop, flip, rng,
-                                             self.interpolation)  # fmt: skip
+    def _with_text(self, out: dict, caption: str) -> dict:
         if self.text_cache is not None:
             out["encoder_hidden_states"] = self.text_cache.load(caption)
         else:
             out["input_ids"] = self.tokenize(caption)
         return out
+
+    def build(self, epoch: int, position: int, item, image, size: tuple[int, int]) -> dict:
+        """The training item for a decoded `image` (also used by the streaming sources)."""
+        caption, flip, rng = self.choices(epoch, position, item.captions)
+        pixels = preprocess(image, size, self.center_crop, flip, rng, self.interpolation)
+        return self._with_text({"key": torch.tensor([epoch, position]), "pixel_values": pixels}, caption)
+
+    def __getitem__(self, key) -> dict:
+        epoch, position = key
+        item = self.items[position]
+        if self.latent_cache is not None:
+            caption, flip, _ = self.choices(epoch, position, item.captions)
+            mean, std = self.latent_cache.load(item.sha256, self.sizes[position], flip)
+            return self._with_text({"key": torch.tensor([epoch, position]), "latent_mean": mean, "latent_std": std},
+                                   caption)  # fmt: skip
+        try:
+            image, _ = self.source.load(item.index)
+        except BadItem as error:  # the file changed since the scan: skipped, and counted by the trainer
+            return {"bad": error.reason, "key": torch.tensor([epoch, position])}
+        return self.build(epoch, position, item, image, self.sizes[position])
 
 
 def collate(examples: list[dict]) -> dict:

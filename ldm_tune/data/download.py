@@ -140,6 +140,15 @@ def _check_target(url: str, allow_private: bool) -> None:
             raise _Failure("private_address")
 
 
+def check_url(url: str, allow_private: bool = False) -> str | None:
+    """The reason `url` may not be fetched (`invalid_url`, `dns_error`, `private_address`), or None when it may."""
+    try:
+        _check_target(url, allow_private)
+    except _Failure as failure:
+        return failure.reason
+    return None
+
+
 # --- network ----------------------------------------------------------------------------------------------------
 
 

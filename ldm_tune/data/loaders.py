@@ -14,6 +14,13 @@ from ldm_tune.data.buckets import BucketBatchSampler
 from ldm_tune.data.cache import LatentCache, TextCache, fill_latent_cache, fill_text_cache, model_fingerprint
 from ldm_tune.data.dataset import VALIDATION_EPOCH, TextImageDataset, collate
 from ldm_tune.data.pipeline import PreparedData, default_cache_dir, prepare_data
+from ldm_tune.data.streaming import (
+    MainProcessStream,
+    StreamingDataset,
+    expand_shards,
+    hf_streaming_samples,
+    webdataset_samples,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -21,8 +28,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Loaders:
-    train: DataLoader
-    sampler: BucketBatchSampler
+    train: DataLoader | MainProcessStream  # a stream has no length and is not prepared by Accelerate
+    sampler: BucketBatchSampler | MainProcessStream  # what `start_epoch` is called on
     validation: DataLoader | None
     data: PreparedData
     latents_encoded: int = 0  # images encoded into the latent cache by this process in this run
@@ -65,25 +72,48 @@ def _fill_caches(config, datasets, accelerator, tokenizer, vae, text_encoder, we
     return latents, texts
 
 
+def stream_loader(config: TrainConfig, accelerator, train: TextImageDataset) -> MainProcessStream:
+    """The loader of a streamed training source (WebDataset shards or a streaming HF dataset)."""
+    d = config.data
+    if d.train_shards is not None:
+        shards = expand_shards(d.train_shards, d.allow_private_urls)
+
+        def samples(epoch):
+            return webdataset_samples(shards, d.caption_column, config.seed, epoch)
+    else:
+
+        def samples(epoch):
+            return hf_streaming_samples(d, config.seed, epoch)
+
+    size = config.training.train_batch_size * accelerator.num_processes
+    return MainProcessStream(StreamingDataset(samples, train, d, size, config.seed), accelerator,
+                             d.dataloader_num_workers)  # fmt: skip
+
+
 def build_loaders(config: TrainConfig, accelerator, tokenizer, vae, text_encoder, weight_dtype) -> Loaders:
     """Prepare the data (main process first), write the report, fill caches, and build the loaders."""
     d, t = config.data, config.training
+    streaming = d.train_shards is not None or d.streaming
     with accelerator.main_process_first():
         data = prepare_data(d, tokenizer, config.seed, progress=accelerator.is_local_main_process,
-                            reuse_failures=not accelerator.is_main_process)  # fmt: skip
+                            reuse_failures=not accelerator.is_main_process, train=not streaming)  # fmt: skip
     if accelerator.is_main_process:
-        logger.info("%s", data.report.format("training data"))
+        if not streaming:
+            logger.info("%s", data.report.format("training data"))
         output = Path(config.output_dir)
         output.mkdir(parents=True, exist_ok=True)
-        reports = {"train": data.report.to_dict()}
+        reports = {"train": data.report.to_dict() if not streaming else "streamed: counted during training"}
         if data.validation_report is not None:
             reports["validation"] = data.validation_report.to_dict()
         (output / "data_report.json").write_text(json.dumps(reports, indent=2))
     train, validation = _datasets(config, data, tokenizer)
-    datasets = [train] + ([validation] if validation is not None else [])
+    datasets = ([] if streaming else [train]) + ([validation] if validation is not None else [])
     latents, texts = _fill_caches(config, datasets, accelerator, tokenizer, vae, text_encoder, weight_dtype)
-    sampler = BucketBatchSampler(data.train.buckets, t.train_batch_size, config.seed, accelerator.num_processes)
-    loader = DataLoader(train, batch_sampler=sampler, collate_fn=collate, num_workers=d.dataloader_num_workers)
+    if streaming:
+        loader = sampler = stream_loader(config, accelerator, train)
+    else:
+        sampler = BucketBatchSampler(data.train.buckets, t.train_batch_size, config.seed, accelerator.num_processes)
+        loader = DataLoader(train, batch_sampler=sampler, collate_fn=collate, num_workers=d.dataloader_num_workers)
     val_loader = None
     if validation is not None:
         val_sampler = BucketBatchSampler(data.validation.buckets, config.validation.validation_batch_size or

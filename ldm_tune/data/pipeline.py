@@ -82,19 +82,21 @@ def _split(source, items: list[ItemInfo], cfg: DataConfig) -> Split:
 
 
 def prepare_data(cfg: DataConfig, tokenizer=None, seed: int = 0, cache_dir: str | Path | None = None,
-                 progress: bool = True, workers: int | None = None, reuse_failures: bool = False) -> PreparedData:  # fmt: skip
+                 progress: bool = True, workers: int | None = None, reuse_failures: bool = False,
+                 train: bool = True) -> PreparedData:  # fmt: skip
     """Read, download, scan, split and bucket the data of `cfg`; raises if too much of it is bad.
 
     `reuse_failures`: take this run's failed downloads from the main process instead of retrying them.
+    `train=False`: prepare only a separate validation source (the training data is streamed).
     """
     cache_dir = Path(cache_dir or cfg.cache_dir or default_cache_dir())
     workers = workers or max(2, os.cpu_count() or 2)
-    report = DataReport()
-    source = _read(cfg, cfg.train_data_dir, cache_dir, report, progress, reuse_failures)
     scan_path = _scan_cache_path(cache_dir, cfg)
-    items, report = scan_source(source, cfg, tokenizer, scan_path, workers, progress, report)
-    _check_fraction(report, cfg, "training")
-
+    report, source, items = DataReport(), None, []
+    if train:
+        source = _read(cfg, cfg.train_data_dir, cache_dir, report, progress, reuse_failures)
+        items, report = scan_source(source, cfg, tokenizer, scan_path, workers, progress, report)
+        _check_fraction(report, cfg, "training")
     validation, val_report = None, None
     if cfg.validation_data_dir is not None or cfg.validation_dataset_split is not None:
         val_report = DataReport()
@@ -102,8 +104,8 @@ def prepare_data(cfg: DataConfig, tokenizer=None, seed: int = 0, cache_dir: str 
             val_source = _read(cfg, cfg.validation_data_dir, cache_dir, val_report, progress)
         else:
             val_source = HFDatasetSource.from_config(cfg, split=cfg.validation_dataset_split)
-        val_cfg_path = scan_path.with_name(scan_path.stem + "-validation.json")
-        val_items, val_report = scan_source(val_source, cfg, tokenizer, val_cfg_path, workers, progress, val_report)
+        val_path = scan_path.with_name(scan_path.stem + "-validation.json")
+        val_items, val_report = scan_source(val_source, cfg, tokenizer, val_path, workers, progress, val_report)
         _check_fraction(val_report, cfg, "validation")
         validation = _split(val_source, val_items, cfg)
     elif cfg.validation_split > 0:
@@ -117,7 +119,7 @@ def prepare_data(cfg: DataConfig, tokenizer=None, seed: int = 0, cache_dir: str 
         items = [it for i, it in enumerate(items) if i not in keep]
     if cfg.max_train_samples is not None:
         items = items[: cfg.max_train_samples]
-    if not items:
+    if train and not items:
         raise ValueError(f"No usable training items.\n{report.format('training data')}")
     return PreparedData(_split(source, items, cfg), validation, report, val_report)
 
