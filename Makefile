@@ -38,6 +38,7 @@ demo: install
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_inference.py --out outputs/bench/inference.json
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_training.py --out outputs/bench/training.json
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_data.py --out outputs/bench/data.json
 
 # configs/tiny.yaml end to end on the CPU: builds the tiny model and the shapes data when missing.
 train-tiny: install

@@ -326,3 +326,35 @@ def test_url_list_downloads_once_and_counts_failures(image_server, tmp_path):
     again = prepare_data(allowed, progress=False, cache_dir=tmp_path / "cache")
     assert hits["/red.png"] == hits["/blue.png"] == 1  # cached: not downloaded again
     assert "cached 2" in again.report.downloads and len(again.train.items) == 2
+
+
+def test_bucketed_resume_continues_exactly(make_config, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from ldm_tune.training import Trainer
+
+    root = tmp_path / "mixed"
+    root.mkdir()
+    rows = []
+    for i, size in enumerate([(64, 64), (96, 48), (48, 96), (100, 50), (50, 100), (70, 70)] * 2):
+        png(root / f"{i}.png", size, color=(20 * i, 100, 255 - 20 * i))
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"image {i}"}))
+    (root / "metadata.jsonl").write_text("\n".join(rows))
+    common = [f"data.train_data_dir={root}", "data.bucketing=true", "data.bucket_step=16", "data.random_flip=true",
+              "training.train_batch_size=2", "training.max_train_steps=7", "checkpointing.checkpointing_steps=4",
+              "training.lr_scheduler=linear"]  # fmt: skip
+    Trainer(make_config(*common, output_dir=tmp_path / "full")).train()
+    original = Trainer._after_update
+
+    def stop_after_4(self, *args):
+        original(self, *args)
+        if self.state.global_step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_after_update", stop_after_4)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(make_config(*common, output_dir=tmp_path / "split")).train()
+    monkeypatch.setattr(Trainer, "_after_update", original)
+    Trainer(make_config(*common, "checkpointing.resume_from_checkpoint=latest", output_dir=tmp_path / "split")).train()
+    a, b = (load_file(tmp_path / run / "unet" / "diffusion_pytorch_model.safetensors") for run in ("full", "split"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
