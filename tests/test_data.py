@@ -263,6 +263,7 @@ def test_two_processes_see_every_item_once(tiny_model_dir, shapes_dir, tmp_path)
     overrides = [f"model.pretrained_model_name_or_path={tiny_model_dir}", f"data.train_data_dir={shapes_dir / 'train'}",
                  f"data.validation_data_dir={shapes_dir / 'validation'}", "data.resolution=32",
                  "training.train_batch_size=5", "training.max_train_steps=2", "validation.validation_steps=1",
+                 "data.cache_latents=true", "data.center_crop=true", f"data.cache_dir={tmp_path / 'cache'}",
                  f"output_dir={tmp_path / 'run'}"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(worker), str(tmp_path),
@@ -275,6 +276,8 @@ def test_two_processes_see_every_item_once(tiny_model_dir, shapes_dir, tmp_path)
         assert sorted(seen) == list(range(ranks[0]["items"]))  # 12 items over 2 ranks: once each, none twice
         assert len(ranks[0]["seen"][epoch]) > 0 and len(ranks[1]["seen"][epoch]) > 0
     assert ranks[0]["best_val_loss"] == ranks[1]["best_val_loss"]  # validation loss gathered over both ranks
+    # each rank cached its share of the 12 training + 4 validation latents, none twice
+    assert len(list((tmp_path / "cache" / "latents").rglob("*.safetensors"))) == 16
 
 
 @pytest.fixture
@@ -358,3 +361,28 @@ def test_bucketed_resume_continues_exactly(make_config, tmp_path, monkeypatch):
     Trainer(make_config(*common, "checkpointing.resume_from_checkpoint=latest", output_dir=tmp_path / "split")).train()
     a, b = (load_file(tmp_path / run / "unet" / "diffusion_pytorch_model.safetensors") for run in ("full", "split"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_an_interrupted_cache_fill_is_reused(make_config, shapes_dir, tmp_path, monkeypatch):
+    from ldm_tune.data import cache as cache_module
+    from ldm_tune.training import Trainer
+
+    overrides = [f"data.train_data_dir={shapes_dir / 'train'}", "data.center_crop=true", "data.cache_latents=true",
+                 f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    original, saved = cache_module.LatentCache.save, []
+
+    def dies_after_five(self, *args):
+        if len(saved) == 5:
+            raise KeyboardInterrupt
+        original(self, *args)
+        saved.append(args[0])
+
+    monkeypatch.setattr(cache_module.LatentCache, "save", dies_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(make_config(*overrides, output_dir=tmp_path / "a"))
+    monkeypatch.setattr(cache_module.LatentCache, "save", original)
+    files = list((tmp_path / "cache" / "latents").rglob("*.safetensors"))
+    assert len(files) == 5 and not list((tmp_path / "cache").rglob("*.tmp"))  # complete files only
+    trainer = Trainer(make_config(*overrides, output_dir=tmp_path / "b"))
+    assert trainer.loaders.latents_encoded == 7  # only what the interrupted run had not written
+    assert trainer.train()["global_step"] == 2
