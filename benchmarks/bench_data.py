@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_inference import cpu_name, has_avx512, matmul_gflops
+from bench_inference import describe_machine
 from PIL import Image
 
 
@@ -62,16 +62,12 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/bench/data.json")
     args = parser.parse_args()
 
-    import torch
     from accelerate.state import AcceleratorState
 
     from ldm_tune.data.shapes import make_shapes_dataset
     from ldm_tune.presets import init_model
 
-    machine = {"cpu": cpu_name(), "avx512": has_avx512(), "threads": torch.get_num_threads(),
-               "fp32_matmul_gflops": round(matmul_gflops(), 1), "torch": torch.__version__}  # fmt: skip
-    print(f"machine: {machine['cpu']}, {machine['threads']} threads, AVX-512 {machine['avx512']}, "
-          f"fp32 matmul ceiling {machine['fp32_matmul_gflops']} GFLOP/s")  # fmt: skip
+    machine = describe_machine()
     work = Path(tempfile.mkdtemp(prefix="ldm-bench-data-"))
     (work / "photos").mkdir()
     result = {"machine": machine}

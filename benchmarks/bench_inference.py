@@ -51,6 +51,16 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
+def describe_machine() -> dict:
+    """The CPU, its thread count and measured fp32 matmul ceiling: printed with, and stored beside, every figure."""
+    machine = {"cpu": cpu_name(), "avx512": has_avx512(), "threads": torch.get_num_threads(),
+               "fp32_matmul_gflops": round(matmul_gflops(), 1), "torch": torch.__version__,
+               "python": platform.python_version()}  # fmt: skip
+    print(f"machine: {machine['cpu']}, {machine['threads']} threads, AVX-512 {machine['avx512']}, "
+          f"fp32 matmul ceiling {machine['fp32_matmul_gflops']} GFLOP/s")  # fmt: skip
+    return machine
+
+
 def time_call(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -70,18 +80,7 @@ def main() -> None:
     from ldm_tune.presets import init_model
     from ldm_tune.schedulers import make_scheduler
 
-    machine = {
-        "cpu": cpu_name(),
-        "avx512": has_avx512(),
-        "threads": torch.get_num_threads(),
-        "fp32_matmul_gflops": round(matmul_gflops(), 1),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    print(
-        f"machine: {machine['cpu']}, {machine['threads']} threads, AVX-512 {machine['avx512']}, "
-        f"fp32 matmul ceiling {machine['fp32_matmul_gflops']} GFLOP/s"
-    )
+    machine = describe_machine()
     work = Path(tempfile.mkdtemp(prefix="ldm-bench-"))
     model = init_model("tiny", work / "tiny", seed=0)
     ours = LDMInference.from_pretrained(model, device="cpu")

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_inference import cpu_name, has_avx512, matmul_gflops
+from bench_inference import describe_machine
 
 
 def main() -> None:
@@ -25,18 +25,13 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/bench/training.json")
     args = parser.parse_args()
 
-    import torch
-
     from ldm_tune.config import load_config
     from ldm_tune.data.shapes import make_shapes_dataset
     from ldm_tune.presets import init_model
     from ldm_tune.tracking import read_metrics
     from ldm_tune.training import train
 
-    machine = {"cpu": cpu_name(), "avx512": has_avx512(), "threads": torch.get_num_threads(),
-               "fp32_matmul_gflops": round(matmul_gflops(), 1), "torch": torch.__version__}  # fmt: skip
-    print(f"machine: {machine['cpu']}, {machine['threads']} threads, AVX-512 {machine['avx512']}, "
-          f"fp32 matmul ceiling {machine['fp32_matmul_gflops']} GFLOP/s")  # fmt: skip
+    machine = describe_machine()
     work = Path(tempfile.mkdtemp(prefix="ldm-bench-train-"))
     model = init_model("tiny", work / "tiny")
     data = make_shapes_dataset(work / "shapes", n=512, size=64, validation_fraction=0)

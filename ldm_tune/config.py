@@ -252,9 +252,24 @@ def validate(config: TrainConfig) -> None:
         value = getattr(getattr(config, section), name)
         if value not in allowed:
             raise ValueError(f"`{key}` must be one of {list(allowed)}, got {value!r}.")
-    m, d, t, c, v = config.model, config.data, config.training, config.checkpointing, config.validation
-    if not m.pretrained_model_name_or_path:
+    if not config.model.pretrained_model_name_or_path:
         raise ValueError("`model.pretrained_model_name_or_path` is required (a model folder or hub id).")
+    _validate_sources(config.data, config.training)
+    _validate_ranges(config)
+    if config.training.mixed_precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "`training.mixed_precision` fp16 needs a CUDA GPU and none is available; use bf16 (CPUs with "
+                "bf16 support, Ampere+ GPUs) or no."
+            )
+    from ldm_tune.schedulers import canonical_name
+
+    canonical_name(config.validation.validation_scheduler)  # raises with the list of valid names
+
+
+def _validate_sources(d: DataConfig, t: TrainingConfig) -> None:
     keys = ("train_data_dir", "train_data_file", "dataset_name", "train_shards")
     sources = [k for k in keys if getattr(d, k) is not None]
     if len(sources) != 1:
@@ -289,6 +304,10 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"Set at most one validation source in `data`, got {held_out}.")
     if d.validation_dataset_split and d.dataset_name is None:
         raise ValueError("`data.validation_dataset_split` needs `data.dataset_name`.")
+
+
+def _validate_ranges(config: TrainConfig) -> None:
+    d, t, c, v = config.data, config.training, config.checkpointing, config.validation
     if d.resolution <= 0 or d.resolution % 8:
         raise ValueError(f"`data.resolution` must be a positive multiple of 8, got {d.resolution}.")
     fractions = (("data.validation_split", d.validation_split), ("data.caption_dropout", d.caption_dropout),
@@ -324,17 +343,6 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"`training.snr_gamma` must be > 0 (or null to turn min-SNR off), got {t.snr_gamma}.")
     if not 0.0 < t.ema_decay < 1.0:
         raise ValueError(f"`training.ema_decay` must be in (0, 1), got {t.ema_decay}.")
-    if t.mixed_precision == "fp16":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(
-                "`training.mixed_precision` fp16 needs a CUDA GPU and none is available; use bf16 (CPUs with "
-                "bf16 support, Ampere+ GPUs) or no."
-            )
-    from ldm_tune.schedulers import canonical_name
-
-    canonical_name(v.validation_scheduler)  # raises with the list of valid names
 
 
 def to_dict(config: TrainConfig) -> dict:

@@ -1,0 +1,69 @@
+"""Validation during training: a held-out loss with fixed noise, the best UNet, and sample images.
+
+A mixin of `Trainer` (it uses the trainer's accelerator, models and state); kept apart so that the training loop
+reads top to bottom. Images are made by `LDMInference`, the same code users sample with.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPTextModel
+
+from ldm_tune.components import freeze
+from ldm_tune.inference import LDMInference
+from ldm_tune.tracking import log_images
+
+
+class ValidationMixin:
+    def evaluate(self) -> float | None:
+        """Validation loss with fixed noise and timesteps (keyed by the validation seed), comparable across steps."""
+        if self.val_loader is None:
+            return None
+        self.unet.eval()
+        losses = []
+        with torch.no_grad(), self._ema_weights():
+            for batch in self.val_loader:
+                per_item = self.compute_losses(batch, seed=self.config.validation.validation_seed)
+                losses.append(self.accelerator.gather_for_metrics(per_item))
+        self.unet.train()
+        return torch.cat(losses).mean().item()
+
+    def validate(self) -> None:
+        """Validation loss (keeping the best UNet in `best/`) and validation images."""
+        state = self.state
+        val_loss = self.evaluate()
+        if val_loss is not None:
+            self.metrics.log({"step": state.global_step, "val_loss": val_loss})
+            if state.best_val_loss is None or val_loss < state.best_val_loss:
+                state.best_val_loss, state.best_val_step = val_loss, state.global_step
+                self._save_unet(self.output_dir / "best", {"step": state.global_step, "val_loss": val_loss})
+        self.make_validation_images()
+
+    def make_validation_images(self) -> None:
+        v = self.config.validation
+        if not v.validation_prompts or not self.accelerator.is_main_process:
+            self.accelerator.wait_for_everyone()
+            return
+        unet = self.accelerator.unwrap_model(self.unet)
+        text_encoder = self.text_encoder or self._load_text_encoder()
+        pipe = LDMInference(self.vae, text_encoder, self.tokenizer, unet, self.scheduler_config,
+                            scheduler=v.validation_scheduler, model_name=self.config.model.pretrained_model_name_or_path,
+                            checkpoint=f"step {self.state.global_step}")  # fmt: skip
+        unet.eval()
+        with self._ema_weights(), self.accelerator.autocast():
+            images = pipe.generate(v.validation_prompts, negative_prompt=v.validation_negative_prompt,
+                                   num_inference_steps=v.validation_inference_steps,
+                                   guidance_scale=v.validation_guidance_scale, num_images_per_prompt=v.num_validation_images,
+                                   seed=v.validation_seed, output_path=self.output_dir / "samples" / f"step-{self.state.global_step}",
+                                   save_grid=True, progress=False)  # fmt: skip
+        unet.train()
+        log_images(self.accelerator, images, v.validation_prompts, v.num_validation_images, self.state.global_step)
+        self.accelerator.wait_for_everyone()
+
+    def _load_text_encoder(self):
+        # With cached text embeddings the text encoder is not kept during training; validation images need it.
+        m = self.config.model
+        model = CLIPTextModel.from_pretrained(m.pretrained_model_name_or_path, subfolder="text_encoder",
+                                              revision=m.revision, variant=m.variant, use_safetensors=True)  # fmt: skip
+        freeze(model)
+        return model.to(self.accelerator.device, dtype=self.weight_dtype)
