@@ -80,6 +80,12 @@ def _add_train(sub) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Dotted overrides of config keys.")
 
 
+def _add_train_vae(sub) -> None:
+    parser = sub.add_parser("train-vae", help="Train the VAE: the same as `train` with stage=vae.")
+    parser.add_argument("--config", help="YAML config file; `stage` is set to vae.")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Dotted overrides of config keys.")
+
+
 def _add_inspect_data(sub) -> None:
     parser = sub.add_parser("inspect-data", help="Check the data of a training config and print the report.")
     parser.add_argument("--config", help="YAML training config (its model gives the tokenizer).")
@@ -101,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="Log at INFO level.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_train_vae(sub)
     _add_generate(sub)
     _add_init_model(sub)
     _add_make_dataset(sub)
@@ -160,14 +167,15 @@ def _run_generate(args) -> None:
 def _run_train(args) -> None:
     from ldm_tune.config import describe_config, load_config
 
-    if args.help_config:
+    if getattr(args, "help_config", False):
         print(describe_config())
         return
-    config = load_config(args.config, args.overrides)  # all config errors surface here, before any model loads
+    overrides = [*args.overrides, "stage=vae"] if args.command == "train-vae" else args.overrides
+    config = load_config(args.config, overrides)  # all config errors surface here, before any model loads
     from ldm_tune.training import train
 
     summary = train(config)
-    print(f"Trained {summary['global_step']} steps; model in {config.output_dir}/pipeline")
+    print(f"Trained the {config.stage} for {summary['global_step']} steps; model in {config.output_dir}/pipeline")
 
 
 def _run_inspect_data(args) -> None:
@@ -229,6 +237,7 @@ def _run_make_dataset(args) -> None:
 
 COMMANDS = {
     "train": _run_train,
+    "train-vae": _run_train,
     "generate": _run_generate,
     "init-model": _run_init_model,
     "make-dataset": _run_make_dataset,

@@ -125,6 +125,18 @@ class ValidationConfig:
 
 
 @dataclass
+class VAEConfig:
+    kl_weight: float = _f(1e-6, "Weight of the KL term against the reconstruction loss (stage: vae).")
+    reconstruction_loss: str = _f("mse", "mse or l1 (stage: vae).")
+    from_scratch: bool = _f(False, "Re-initialise the model's VAE with its architecture instead of fine-tuning it.")
+    compute_scaling_factor: bool = _f(
+        True,
+        "After training, set scaling_factor = 1 / std of the latents (as SD did), so the UNet sees unit variance.",
+    )
+    validation_images: int = _f(8, "Validation images reconstructed into the sample grid (stage: vae).")
+
+
+@dataclass
 class LoggingConfig:
     report_to: str = _f("none", "none, tensorboard, wandb or all; metrics.jsonl is always written.")
     logging_steps: int = _f(10, "Log metrics every N updates.")
@@ -135,15 +147,19 @@ class LoggingConfig:
 class TrainConfig:
     output_dir: str = _f("outputs/run", "Folder for checkpoints, samples, logs and the final model.")
     seed: int = _f(0, "Seed of data order, augmentations, noise and timesteps.")
+    stage: str = _f("unet", "unet: fine-tune the UNet (VAE and text encoder frozen); vae: train the VAE.")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 CHOICES = {
+    "stage": ("unet", "vae"),
+    "vae.reconstruction_loss": ("mse", "l1"),
     "model.prediction_type": (None, "epsilon", "v_prediction"),
     "training.mixed_precision": ("no", "fp16", "bf16"),
     "training.lr_scheduler": (
@@ -248,14 +264,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
 def validate(config: TrainConfig) -> None:
     """Refuse impossible values with a message naming the key, the value and what is allowed."""
     for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
+        value = config
+        for part in key.split("."):
+            value = getattr(value, part)
         if value not in allowed:
             raise ValueError(f"`{key}` must be one of {list(allowed)}, got {value!r}.")
     if not config.model.pretrained_model_name_or_path:
         raise ValueError("`model.pretrained_model_name_or_path` is required (a model folder or hub id).")
     _validate_sources(config.data, config.training)
     _validate_ranges(config)
+    if config.stage == "vae" and (config.data.cache_latents or config.data.cache_text_embeddings):
+        raise ValueError("`stage: vae` trains the VAE itself: turn `data.cache_latents` and the text cache off.")
     if config.training.mixed_precision == "fp16":
         import torch
 

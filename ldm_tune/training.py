@@ -66,7 +66,20 @@ class TrainState:
 
 
 class Trainer(ValidationMixin):
-    """Builds everything from a `TrainConfig`; `train()` runs to `max_train_steps` and exports the model."""
+    """Builds everything from a `TrainConfig`; `train()` runs to `max_train_steps` and exports the model.
+
+    This trainer fine-tunes the UNet; `ldm_tune.vae_training.VAETrainer` reuses the loop for the VAE.
+    """
+
+    model_cls, model_folder = UNet2DConditionModel, "unet"
+
+    @property
+    def unet(self):
+        return self.model
+
+    def saved_module(self, model):
+        """The diffusers model inside a prepared (DDP-wrapped) one: what checkpoints and exports save."""
+        return self.accelerator.unwrap_model(model)
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -104,7 +117,7 @@ class Trainer(ValidationMixin):
         resume = self.checkpoints.resolve(self.config.checkpointing.resume_from_checkpoint)
         if self.config.checkpointing.resume_from_checkpoint is None:
             existing = [p.name for p in (self.output_dir.glob("checkpoint-*") if self.output_dir.is_dir() else [])]
-            existing += [name for name in ("unet", "pipeline") if (self.output_dir / name).exists()]
+            existing += [name for name in (self.model_folder, "pipeline") if (self.output_dir / name).exists()]
             if existing:
                 raise ValueError(
                     f"`output_dir` {str(self.output_dir)!r} already holds a run ({sorted(existing)[:3]}); set "
@@ -123,18 +136,18 @@ class Trainer(ValidationMixin):
         freeze(components.vae, components.text_encoder)
         self.vae = components.vae.to(self.accelerator.device, dtype=self.weight_dtype)
         self.text_encoder = components.text_encoder.to(self.accelerator.device, dtype=self.weight_dtype)
-        self.unet = components.unet
-        self.unet.train()
+        self.model = components.unet
+        self.model.train()
         if t.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            self.model.enable_gradient_checkpointing()
         # The training noise schedule is the model's own, with the chosen parameterisation.
         self.prediction_type = m.prediction_type or components.scheduler_config.get("prediction_type", "epsilon")
         self.scheduler_config = {**components.scheduler_config, "prediction_type": self.prediction_type}
         self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
         self.ema = None
         if t.use_ema:
-            self.ema = EMAModel(self.unet.parameters(), decay=t.ema_decay, model_cls=UNet2DConditionModel,
-                                model_config=self.unet.config)  # fmt: skip
+            self.ema = EMAModel(self.model.parameters(), decay=t.ema_decay, model_cls=self.model_cls,
+                                model_config=self.model.config)  # fmt: skip
             self.ema.to(self.accelerator.device)
 
     def _build_data(self) -> None:
@@ -161,12 +174,12 @@ class Trainer(ValidationMixin):
                   "eps": t.adam_epsilon}  # fmt: skip
         # Fused AdamW (one kernel for all parameters) on CUDA; the multi-tensor foreach path elsewhere.
         kwargs["fused" if acc.device.type == "cuda" else "foreach"] = True
-        optimizer = torch.optim.AdamW(self.unet.parameters(), **kwargs)
+        optimizer = torch.optim.AdamW(self.model.parameters(), **kwargs)
         self.streaming = isinstance(self.train_loader, MainProcessStream)
         if self.streaming:  # the stream shards its batches itself (see ldm_tune.data.streaming)
-            self.unet, self.optimizer = acc.prepare(self.unet, optimizer)
+            self.model, self.optimizer = acc.prepare(self.model, optimizer)
         else:
-            self.unet, self.optimizer, self.train_loader = acc.prepare(self.unet, optimizer, self.train_loader)
+            self.model, self.optimizer, self.train_loader = acc.prepare(self.model, optimizer, self.train_loader)
         if self.val_loader is not None:
             self.val_loader = acc.prepare(self.val_loader)
         if not self.streaming:
@@ -181,25 +194,23 @@ class Trainer(ValidationMixin):
         acc.register_save_state_pre_hook(self._save_model_hook)
         acc.register_load_state_pre_hook(self._load_model_hook)
 
-    # The UNet goes into checkpoints in diffusers format (unet/, unet_ema/), so a checkpoint is also loadable
+    # The trained model goes into checkpoints in diffusers format (unet/, unet_ema/), so a checkpoint is also loadable
     # for inference (`LDMInference.from_pretrained(model, checkpoint=...)`); the diffusers example does the same.
     def _save_model_hook(self, models, weights, output_dir) -> None:
         if self.accelerator.is_main_process:
             for model in models:
-                self.accelerator.unwrap_model(model).save_pretrained(
-                    Path(output_dir) / "unet", safe_serialization=True
-                )
+                self.saved_module(model).save_pretrained(Path(output_dir) / self.model_folder, safe_serialization=True)
                 weights.pop()
             if self.ema is not None:
-                self.ema.save_pretrained(Path(output_dir) / "unet_ema")
+                self.ema.save_pretrained(Path(output_dir) / f"{self.model_folder}_ema")
 
     def _load_model_hook(self, models, input_dir) -> None:
         while models:
-            model = self.accelerator.unwrap_model(models.pop())
-            loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet", use_safetensors=True)
+            model = self.saved_module(models.pop())
+            loaded = self.model_cls.from_pretrained(input_dir, subfolder=self.model_folder, use_safetensors=True)
             model.load_state_dict(loaded.state_dict())
         if self.ema is not None:
-            loaded = EMAModel.from_pretrained(Path(input_dir) / "unet_ema", UNet2DConditionModel)
+            loaded = EMAModel.from_pretrained(Path(input_dir) / f"{self.model_folder}_ema", self.model_cls)
             self.ema.load_state_dict(loaded.state_dict())
             self.ema.to(self.accelerator.device)
 
@@ -257,7 +268,7 @@ class Trainer(ValidationMixin):
             self.state.skipped_by_reason[reason] = self.state.skipped_by_reason.get(reason, 0) + 1
         if len(batch["keys"]) == 0:
             return False  # every item of the batch failed to load (files changed since the scan)
-        with acc.accumulate(self.unet):
+        with acc.accumulate(self.model):
             loss = self.forward_backward(batch)
             finite = torch.isfinite(loss)
             self.window += torch.stack([torch.where(finite, loss, 0.0), torch.ones_like(loss), (~finite).float()])
@@ -268,13 +279,13 @@ class Trainer(ValidationMixin):
             grad_norm = None
             if nonfinite == 0:
                 if t.max_grad_norm > 0:
-                    grad_norm = acc.clip_grad_norm_(self.unet.parameters(), t.max_grad_norm)
+                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
                 self.optimizer.step()
             # A non-finite loss skips the update: its gradients are discarded here, on every process alike.
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         if nonfinite == 0 and self.ema is not None:
-            self.ema.step(self.unet.parameters())
+            self.ema.step(self.model.parameters())
         self.state.global_step += 1
         self._after_update(loss_sum / max(count - nonfinite, 1), nonfinite > 0, grad_norm)
         return True
@@ -302,7 +313,7 @@ class Trainer(ValidationMixin):
                 encoder_hidden_states = batch["encoder_hidden_states"].to(self.weight_dtype)
             else:
                 encoder_hidden_states = self.text_encoder(batch["input_ids"], return_dict=False)[0]
-        return denoising_loss(self.unet, self.noise_scheduler, latents, encoder_hidden_states, draws,
+        return denoising_loss(self.model, self.noise_scheduler, latents, encoder_hidden_states, draws,
                               self.prediction_type, t.snr_gamma, t.input_perturbation)  # fmt: skip
 
     def _after_update(self, loss: float, skipped: bool, grad_norm) -> None:
@@ -357,7 +368,7 @@ class Trainer(ValidationMixin):
         if self.ema is None:
             yield
             return
-        params = list(self.unet.parameters())
+        params = list(self.model.parameters())
         self.ema.store(params)
         self.ema.copy_to(params)
         try:
@@ -365,13 +376,13 @@ class Trainer(ValidationMixin):
         finally:
             self.ema.restore(params)
 
-    def _save_unet(self, folder: Path, info: dict) -> None:
+    def _save_model(self, folder: Path, info: dict) -> None:
         if self.accelerator.is_main_process:
-            unet = self.accelerator.unwrap_model(self.unet)
+            model = self.saved_module(self.model)
 
             def write(tmp: Path) -> None:
                 with self._ema_weights():
-                    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+                    model.save_pretrained(tmp / self.model_folder, safe_serialization=True)
                 (tmp / "info.json").write_text(json.dumps(info, indent=2))
 
             save_atomically(write, folder)
@@ -385,28 +396,29 @@ class Trainer(ValidationMixin):
         return path
 
     def finish(self) -> dict:
-        """Export `unet/` (EMA weights when on), `pipeline/` and the model card."""
+        """Export the trained model (EMA weights when on), `pipeline/` and the model card."""
         acc, state = self.accelerator, self.state
-        summary = {"global_step": state.global_step, "train_items": self.train_items,
+        summary = {"stage": self.config.stage, "global_step": state.global_step, "train_items": self.train_items,
                    "final_train_loss": getattr(self, "last_train_loss", None), "best_val_loss": state.best_val_loss,
                    "best_val_step": state.best_val_step, "nonfinite_total": state.nonfinite_total,
                    "prediction_type": self.prediction_type, "num_processes": acc.num_processes}  # fmt: skip
         if acc.is_main_process:
-            unet = acc.unwrap_model(self.unet)
+            model = self.saved_module(self.model)
             with self._ema_weights():
-                save_atomically(
-                    lambda tmp: unet.save_pretrained(tmp, safe_serialization=True), self.output_dir / "unet"
-                )
-                m = self.config.model
-                base = load_components(
-                    m.pretrained_model_name_or_path, revision=m.revision, variant=m.variant, unet=unet
-                )
-                base.scheduler_config = self.scheduler_config  # the trained prediction type travels with the model
-                save_model_folder(base, self.output_dir / "pipeline", replace=True)
+                summary.update(self.export(model))
             write_model_card(self.output_dir / "README.md", to_dict(self.config), summary)
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         acc.wait_for_everyone()
         return summary
+
+    def export(self, unet) -> dict:
+        """Write `unet/` and a full SD folder `pipeline/` with it; returns facts for the summary."""
+        save_atomically(lambda tmp: unet.save_pretrained(tmp, safe_serialization=True), self.output_dir / "unet")
+        m = self.config.model
+        base = load_components(m.pretrained_model_name_or_path, revision=m.revision, variant=m.variant, unet=unet)
+        base.scheduler_config = self.scheduler_config  # the trained prediction type travels with the model
+        save_model_folder(base, self.output_dir / "pipeline", replace=True)
+        return {}
 
 
 def _flat_scalars(tree: dict, prefix: str = "") -> dict:
@@ -419,6 +431,15 @@ def _flat_scalars(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def make_trainer(config: TrainConfig) -> Trainer:
+    """The trainer of the config's `stage`: the UNet (default) or the VAE."""
+    if config.stage == "vae":
+        from ldm_tune.vae_training import VAETrainer
+
+        return VAETrainer(config)
+    return Trainer(config)
+
+
 def train(config: TrainConfig) -> dict:
     """Train with `config` and return a summary (steps, losses)."""
-    return Trainer(config).train()
+    return make_trainer(config).train()

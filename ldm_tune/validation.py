@@ -19,13 +19,13 @@ class ValidationMixin:
         """Validation loss with fixed noise and timesteps (keyed by the validation seed), comparable across steps."""
         if self.val_loader is None:
             return None
-        self.unet.eval()
+        self.model.eval()
         losses = []
         with torch.no_grad(), self._ema_weights():
             for batch in self.val_loader:
                 per_item = self.compute_losses(batch, seed=self.config.validation.validation_seed)
                 losses.append(self.accelerator.gather_for_metrics(per_item))
-        self.unet.train()
+        self.model.train()
         return torch.cat(losses).mean().item()
 
     def validate(self) -> None:
@@ -36,7 +36,7 @@ class ValidationMixin:
             self.metrics.log({"step": state.global_step, "val_loss": val_loss})
             if state.best_val_loss is None or val_loss < state.best_val_loss:
                 state.best_val_loss, state.best_val_step = val_loss, state.global_step
-                self._save_unet(self.output_dir / "best", {"step": state.global_step, "val_loss": val_loss})
+                self._save_model(self.output_dir / "best", {"step": state.global_step, "val_loss": val_loss})
         self.make_validation_images()
 
     def make_validation_images(self) -> None:
@@ -44,7 +44,7 @@ class ValidationMixin:
         if not v.validation_prompts or not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return
-        unet = self.accelerator.unwrap_model(self.unet)
+        unet = self.accelerator.unwrap_model(self.model)
         text_encoder = self.text_encoder or self._load_text_encoder()
         pipe = LDMInference(self.vae, text_encoder, self.tokenizer, unet, self.scheduler_config,
                             scheduler=v.validation_scheduler, model_name=self.config.model.pretrained_model_name_or_path,
