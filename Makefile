@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= outputs/demo
 
-.PHONY: install quality style test demo bench train-tiny clean
+.PHONY: install quality style test demo demo-quick bench train-tiny clean
 
 # torch first: `torch==2.13.0` resolves to the local CPU wheel here; a bare `torch` would pull a CUDA build.
 $(STAMP): pyproject.toml
@@ -29,11 +29,13 @@ style: install
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
-# Until the demo issue lands: build the tiny preset and sample from it (random weights, so the images are noise).
+# The embedded default: data -> VAE -> UNet -> new-concept fine-tune -> evaluation, into outputs/demo/ (report.md).
+# Interrupted, a second `make demo` resumes.
 demo: install
-	test -d $(DEMO_DIR)/model || HF_HUB_OFFLINE=1 $(VENV)/bin/ldm-tune init-model --preset tiny --out $(DEMO_DIR)/model --seed 0
-	HF_HUB_OFFLINE=1 $(VENV)/bin/ldm-tune generate --model $(DEMO_DIR)/model --prompt "a red circle" \
-		--negative-prompt "blurry" --scheduler dpm++ --steps 30 --seed 0 --num-images 4 --out $(DEMO_DIR)/samples
+	HF_HUB_OFFLINE=1 $(VENV)/bin/ldm-tune demo --out $(DEMO_DIR)
+
+demo-quick: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/ldm-tune demo --quick --out outputs/demo-quick
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_inference.py --out outputs/bench/inference.json

@@ -9,6 +9,8 @@ import sys
 import torch
 import yaml
 
+from ldm_tune.evaluation import add_evaluate_parser, run_evaluate
+
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -25,8 +27,8 @@ def _add_init_model(sub) -> None:
     parser.add_argument(
         "--preset",
         required=True,
-        choices=["tiny", "sd15-arch"],
-        help="tiny: CPU-fast, 64 px. sd15-arch: the exact SD 1.5 architecture (3.4 GB UNet in fp32).",
+        choices=["tiny", "sd15-arch", "demo"],
+        help="tiny: CPU-fast, 64 px. sd15-arch: the exact SD 1.5 architecture (3.4 GB UNet in fp32). demo: 32 px.",
     )
     parser.add_argument("--out", required=True, help="New (or empty) folder to write the model into.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
@@ -86,6 +88,12 @@ def _add_train_vae(sub) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Dotted overrides of config keys.")
 
 
+def _add_demo(sub) -> None:
+    parser = sub.add_parser("demo", help="Train a small text-to-image model from nothing, fine-tune, evaluate.")
+    parser.add_argument("--out", default="outputs/demo", help="Output folder (a second run resumes).")
+    parser.add_argument("--quick", action="store_true", help="A few steps of everything (for tests).")
+
+
 def _add_inspect_data(sub) -> None:
     parser = sub.add_parser("inspect-data", help="Check the data of a training config and print the report.")
     parser.add_argument("--config", help="YAML training config (its model gives the tokenizer).")
@@ -112,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_init_model(sub)
     _add_make_dataset(sub)
     _add_inspect_data(sub)
+    _add_demo(sub)
+    add_evaluate_parser(sub)
     sub.add_parser("schedulers", help="List the sampler names, one line each.")
     return parser
 
@@ -227,6 +237,13 @@ def _inspect_stream(config, tokenizer) -> None:
     print(f"crop sizes: {', '.join(f'{w}x{h}' for w, h in sorted(sizes))}")
 
 
+def _run_demo(args) -> None:
+    from ldm_tune.demo import DemoSettings, run_demo
+
+    results = run_demo(args.out, DemoSettings.quick() if args.quick else DemoSettings())
+    print(f"Demo finished in {results['wall_seconds'] / 60:.1f} min; see {args.out}/report.md")
+
+
 def _run_make_dataset(args) -> None:
     from ldm_tune.data.shapes import make_shapes_dataset
 
@@ -242,6 +259,8 @@ COMMANDS = {
     "init-model": _run_init_model,
     "make-dataset": _run_make_dataset,
     "inspect-data": _run_inspect_data,
+    "demo": _run_demo,
+    "evaluate": run_evaluate,
     "schedulers": _run_schedulers,
 }
 

@@ -263,7 +263,11 @@ class LDMInference:
                 if guidance_rescale > 0:
                     # Fixes over-exposure at high guidance (arXiv 2305.08891, section 3.4).
                     noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale=guidance_rescale)
-            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            output = self.scheduler.step(noise_pred, t, latents, **step_kwargs)
+            latents = output.prev_sample
+            # The sampler's current estimate of the clean latents, for callbacks that show the trajectory
+            # (None for samplers that do not expose it).
+            self.pred_original_sample = getattr(output, "pred_original_sample", None)
             if callback is not None:
                 callback(i, t, latents)
         return latents
@@ -308,7 +312,8 @@ class LDMInference:
             seed: seeds a `torch.Generator` on the model's device (a random seed is drawn and recorded if None).
             generator: a generator to use instead of `seed`.
             output_path: folder to write PNGs and a JSON of every parameter into (never overwrites files).
-            callback: called as `callback(step, timestep, latents)` after every sampler step.
+            callback: called as `callback(step, timestep, latents)` after every sampler step; the sampler's
+                estimate of the clean latents is then in `self.pred_original_sample` (when it has one).
             output_type: `pil` (default), `np`, `pt` or `latent`.
             progress: show a progress bar. save_grid: also write a grid PNG (rows = prompts) into `output_path`.
 

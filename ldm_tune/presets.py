@@ -134,7 +134,24 @@ TINY_TEXT_ENCODER = {
     "hidden_act": "quick_gelu",
 }
 
-PRESETS = ("tiny", "sd15-arch")
+# The demo preset (`make demo`): 32 px images, a x4 VAE (8x8x4 latents: cheap UNet steps, which is what a CPU
+# can afford; ../shared/reference/demo-feasibility.md, probe 13), a UNet with cross-attention at 4x4 and 2x2.
+DEMO_UNET = {
+    "block_out_channels": [32, 64, 64],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 64,
+    "norm_num_groups": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "sample_size": 8,
+}
+DEMO_VAE = {**TINY_VAE, "sample_size": 32, "scaling_factor": 1.0}  # the VAE stage measures the real factor
+DEMO_TEXT_ENCODER = {**TINY_TEXT_ENCODER, "hidden_size": 64, "intermediate_size": 128, "projection_dim": 64}
+
+PRESETS = ("tiny", "sd15-arch", "demo")
 
 
 def build_tokenizer(words: Iterable[str] = (), model_max_length: int = 77) -> CLIPTokenizer:
@@ -203,6 +220,19 @@ def build_tiny(seed: int = 0, words: Iterable[str] = ()) -> ModelComponents:
     return ModelComponents(vae, text_encoder, tokenizer, unet, dict(SD15_SCHEDULER))
 
 
+def build_demo(seed: int = 0, words: Iterable[str] = ()) -> ModelComponents:
+    """Random-weight components of the `demo` preset (32 px), with a tokenizer that knows the caption words."""
+    tokenizer = build_tokenizer(words)
+    _seeded(seed, 0)
+    unet = UNet2DConditionModel(**DEMO_UNET)
+    _seeded(seed, 1)
+    vae = AutoencoderKL(**DEMO_VAE)
+    _seeded(seed, 2)
+    text_config = CLIPTextConfig(**DEMO_TEXT_ENCODER, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    return ModelComponents(vae, CLIPTextModel(text_config), tokenizer, unet, dict(SD15_SCHEDULER))
+
+
 def build_sd15_arch(seed: int = 0, device: str | torch.device = "cpu") -> ModelComponents:
     """Random-weight components with the exact Stable Diffusion 1.5 architecture.
 
@@ -219,19 +249,22 @@ def build_sd15_arch(seed: int = 0, device: str | torch.device = "cpu") -> ModelC
     return ModelComponents(vae, text_encoder, tokenizer, unet, dict(SD15_SCHEDULER))
 
 
-def build_preset(preset: str, seed: int = 0) -> ModelComponents:
-    """Build the random-weight components of a named preset (`tiny` or `sd15-arch`)."""
+def build_preset(preset: str, seed: int = 0, words: Iterable[str] = ()) -> ModelComponents:
+    """Build the random-weight components of a named preset (`tiny`, `sd15-arch` or `demo`)."""
     if preset == "tiny":
-        return build_tiny(seed)
+        return build_tiny(seed, words)
+    if preset == "demo":
+        return build_demo(seed, words)
     if preset == "sd15-arch":
         return build_sd15_arch(seed)
     raise ValueError(f"`preset` must be one of {list(PRESETS)}, got {preset!r}.")
 
 
-def init_model(preset: str, out_dir: str | os.PathLike, seed: int = 0, dtype: torch.dtype | None = None) -> Path:
+def init_model(preset: str, out_dir: str | os.PathLike, seed: int = 0, dtype: torch.dtype | None = None,
+               words: Iterable[str] = ()) -> Path:  # fmt: skip
     """Build a preset with random weights and save it as a Stable-Diffusion-format folder."""
     out_dir = check_new_folder(out_dir)  # before building: sd15-arch takes a while
-    components = build_preset(preset, seed)
+    components = build_preset(preset, seed, words)
     if dtype is not None and dtype != torch.float32:
         for model in (components.vae, components.text_encoder, components.unet):
             model.to(dtype=dtype)

@@ -24,6 +24,10 @@ COLORS = {
     "purple": (140, 60, 190),
     "orange": (240, 140, 30),
 }
+# Colours absent from the base data: a dataset made with `colors=["cyan", ...]` teaches a new concept to a model
+# fine-tuned on the default colours. Kept apart from COLORS so the default datasets (and their seeds) never change.
+NEW_COLORS = {"cyan": (30, 190, 200)}
+PALETTE = {**COLORS, **NEW_COLORS}  # every colour a shape may be drawn in
 SHAPES = ("circle", "square", "triangle", "cross")
 BACKGROUNDS = {"white": (250, 250, 250), "light gray": (205, 205, 205), "beige": (235, 220, 190)}
 
@@ -34,7 +38,7 @@ def draw_shape(size: int, color: str, shape: str, background: str, rng: np.rando
     canvas = ImageDraw.Draw(image)
     extent = rng.uniform(0.35, 0.6) * size  # the shape's bounding-box side
     cx, cy = (rng.uniform(extent / 2 + 1, size - extent / 2 - 1) for _ in range(2))
-    half, fill = extent / 2, COLORS[color]
+    half, fill = extent / 2, PALETTE[color]
     if shape == "circle":
         canvas.ellipse((cx - half, cy - half, cx + half, cy + half), fill=fill)
     elif shape == "square":
@@ -67,12 +71,15 @@ def _write_split(folder: Path, items: list[tuple[str, str, str]], size: int, rng
 
 def make_shapes_dataset(out_dir: str | Path, n: int = 1000, size: int = 64, seed: int = 0,
                         validation_fraction: float = 0.1, colors=None, shapes=None) -> Path:  # fmt: skip
-    """Write `out_dir/train` and `out_dir/validation` image folders of `n` images in all; returns `out_dir`."""
+    """Write `out_dir/train` and `out_dir/validation` image folders of `n` images in all; returns `out_dir`.
+
+    `colors` may name any colour of COLORS or NEW_COLORS (default: COLORS only), `shapes` any of SHAPES.
+    """
     out_dir = check_new_folder(out_dir)
     colors, shapes = list(colors or COLORS), list(shapes or SHAPES)
-    unknown = sorted(set(colors) - set(COLORS)) + sorted(set(shapes) - set(SHAPES))
+    unknown = sorted(set(colors) - set(PALETTE)) + sorted(set(shapes) - set(SHAPES))
     if unknown:
-        raise ValueError(f"Unknown colors/shapes {unknown}; colors: {list(COLORS)}, shapes: {list(SHAPES)}.")
+        raise ValueError(f"Unknown colors/shapes {unknown}; colors: {list(PALETTE)}, shapes: {list(SHAPES)}.")
     if n < 2 or size < 16:
         raise ValueError(f"`n` must be >= 2 and `size` >= 16, got n={n}, size={size}.")
     rng = np.random.default_rng(seed)

@@ -1,0 +1,163 @@
+"""`make demo`: train a small text-to-image latent diffusion model from nothing on a CPU, teach it a new concept,
+and measure what it learned.
+
+Stages (each resumes if interrupted, and is skipped when already complete):
+  1. data: the procedural shapes world (base colours) and a small set of a new colour word ("cyan");
+  2. model: the `demo` preset with random weights and a tokenizer built from the captions;
+  3. VAE: trained from scratch (`stage: vae`), which also measures the latent scaling factor;
+  4. UNet: text-conditioned, caption dropout for CFG, from cached latents and text embeddings;
+  5. fine-tune: the new concept, with replayed base images so old concepts are kept;
+  6. evaluation: accuracy by a deterministic oracle, sampler table, grids, strips, loss curves, report.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ldm_tune.config import load_config
+from ldm_tune.data.shapes import BACKGROUNDS, COLORS, NEW_COLORS, SHAPES, make_shapes_dataset
+from ldm_tune.presets import init_model
+
+
+logger = logging.getLogger(__name__)
+NEW_COLOR = next(iter(NEW_COLORS))
+
+
+@dataclass
+class DemoSettings:
+    """Sizes of one demo run; `quick()` is the version the test suite runs."""
+
+    images: int = 2000
+    new_concept_images: int = 60
+    replay_images: int = 150
+    size: int = 32
+    vae_steps: int = 500
+    unet_steps: int = 3000
+    finetune_steps: int = 300
+    batch_size: int = 32
+    eval_images_per_prompt: int = 4
+    eval_steps: int = 50
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> DemoSettings:
+        return cls(images=48, new_concept_images=12, replay_images=12, vae_steps=4, unet_steps=4, finetune_steps=2,
+                   batch_size=8, eval_images_per_prompt=1, eval_steps=3)  # fmt: skip
+
+
+def caption_words() -> list[str]:
+    """Every word the captions use, so the tokenizer gives each one a single token."""
+    words = {"a", "on", "background", *COLORS, *NEW_COLORS, *SHAPES}
+    return sorted(words | {w for b in BACKGROUNDS for w in b.split()})
+
+
+def _once(folder: Path, make) -> Path:
+    """Build `folder` with `make(tmp)` unless it exists; a half-built folder from a killed run is rebuilt."""
+    if folder.exists():
+        return folder
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    make(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def make_data(out: Path, s: DemoSettings) -> dict[str, Path]:
+    """The base dataset, the new-concept dataset and the fine-tuning mix (new concept + replayed base images)."""
+    base = _once(out / "data" / "base", lambda p: make_shapes_dataset(p, n=s.images, size=s.size, seed=s.seed))
+    new = _once(out / "data" / NEW_COLOR, lambda p: make_shapes_dataset(
+        p, n=s.new_concept_images, size=s.size, seed=s.seed + 1, colors=[NEW_COLOR], validation_fraction=0.2))  # fmt: skip
+
+    def mix(folder: Path) -> None:
+        # Replaying base images while learning the new word limits forgetting of the old ones.
+        (folder / "train").mkdir(parents=True)
+        lines = []
+        for source, count in ((new / "train", None), (base / "train", s.replay_images)):
+            rows = (source / "metadata.jsonl").read_text().splitlines()[:count]
+            for row in map(json.loads, rows):
+                name = f"{source.parent.name}-{row['file_name']}"
+                shutil.copyfile(source / row["file_name"], folder / "train" / name)
+                lines.append(json.dumps({**row, "file_name": name}))
+        (folder / "train" / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+    finetune = _once(out / "data" / "finetune", mix)
+    return {"base": base, "new": new, "finetune": finetune}
+
+
+def _stage(out_dir: Path, overrides: list[str]) -> dict:
+    """Train one stage (resuming a killed run), or read the summary of a finished one."""
+    from accelerate.state import AcceleratorState
+
+    from ldm_tune.training import train
+
+    summary_file = out_dir / "summary.json"
+    if summary_file.exists():
+        return json.loads(summary_file.read_text())
+    config = load_config(None, [*overrides, f"output_dir={out_dir}", "checkpointing.resume_from_checkpoint=latest"])
+    try:
+        return train(config)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # the next stage builds its own Accelerator
+
+
+def train_stages(out: Path, data: dict[str, Path], s: DemoSettings) -> dict[str, dict]:
+    """Model initialisation, then the VAE, UNet and fine-tuning stages; returns their summaries."""
+    model = out / "models" / "init"
+    if not model.exists():
+        init_model("demo", model, seed=s.seed, words=caption_words())
+    common = [f"seed={s.seed}", f"data.resolution={s.size}", "data.center_crop=true",
+              f"training.train_batch_size={s.batch_size}", f"data.cache_dir={out / 'cache'}",
+              "logging.logging_steps=10", "checkpointing.checkpoints_total_limit=1"]  # fmt: skip
+    base_data = [
+        f"data.train_data_dir={data['base'] / 'train'}",
+        f"data.validation_data_dir={data['base'] / 'validation'}",
+    ]
+    summaries = {}
+    summaries["vae"] = _stage(out / "vae", [
+        *common, *base_data, "stage=vae", f"model.pretrained_model_name_or_path={model}", "vae.from_scratch=true",
+        f"training.max_train_steps={s.vae_steps}", "training.learning_rate=2e-3", "training.lr_scheduler=cosine",
+        "training.lr_warmup_steps=20", f"checkpointing.checkpointing_steps={max(1, s.vae_steps // 2)}",
+        f"validation.validation_steps={max(1, s.vae_steps // 2)}",
+    ])  # fmt: skip
+    unet = [*common, "data.cache_latents=true", "data.cache_text_embeddings=true", "data.caption_dropout=0.1",
+            "training.lr_scheduler=constant_with_warmup", "validation.validation_scheduler=ddim",
+            "validation.validation_inference_steps=20", "validation.validation_guidance_scale=5",
+            f"validation.validation_prompts=[a red circle on a white background, a {NEW_COLOR} square on a white "
+            "background]"]  # fmt: skip
+    summaries["unet"] = _stage(out / "unet", [
+        *unet, *base_data, f"model.pretrained_model_name_or_path={out / 'vae' / 'pipeline'}",
+        f"training.max_train_steps={s.unet_steps}", "training.learning_rate=1e-3", "training.lr_warmup_steps=100",
+        f"checkpointing.checkpointing_steps={max(1, s.unet_steps // 4)}",
+        f"validation.validation_steps={max(1, s.unet_steps // 4)}",
+    ])  # fmt: skip
+    summaries["finetune"] = _stage(out / "finetune", [
+        *unet, f"data.train_data_dir={data['finetune'] / 'train'}", f"data.validation_data_dir={data['new'] / 'validation'}",
+        f"model.pretrained_model_name_or_path={out / 'unet' / 'pipeline'}", f"training.max_train_steps={s.finetune_steps}",
+        "training.learning_rate=5e-4", "training.lr_warmup_steps=10",
+        f"checkpointing.checkpointing_steps={max(1, s.finetune_steps // 2)}",
+        f"validation.validation_steps={max(1, s.finetune_steps // 2)}",
+    ])  # fmt: skip
+    return summaries
+
+
+def run_demo(out_dir: str | Path = "outputs/demo", settings: DemoSettings | None = None) -> dict:
+    """Run (or resume) the whole demo into `out_dir`; returns the measured numbers (also in report.md)."""
+    from ldm_tune.demo_report import write_report
+
+    s = settings or DemoSettings()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    timings = {}
+    data = make_data(out, s)
+    timings["data"] = time.perf_counter() - started
+    summaries = train_stages(out, data, s)
+    timings["training"] = time.perf_counter() - started - timings["data"]
+    results = write_report(out, s, summaries, timings, started)
+    (out / "results.json").write_text(json.dumps({"settings": asdict(s), **results}, indent=2, default=str))
+    return results

@@ -1,0 +1,28 @@
+import json
+
+from ldm_tune.demo import DemoSettings, caption_words, run_demo
+
+
+def test_quick_demo_writes_every_artefact_and_resumes(tmp_path, monkeypatch):
+    out = tmp_path / "demo"
+    results = run_demo(out, DemoSettings.quick())
+    for name in ("grid.png", "samplers.md", "samplers.json", "forward.png", "trajectory.png", "loss-vae.png",
+                 "loss-unet.png", "loss-finetune.png", "report.md", "results.json",
+                 "vae/pipeline/model_index.json", "unet/pipeline/model_index.json", "finetune/pipeline/model_index.json"):  # fmt: skip
+        assert (out / name).exists(), name
+    samplers = json.loads((out / "samplers.json").read_text())
+    assert [r["sampler"].split()[0] for r in samplers] == ["ddpm", "ddpm", "ddim", "pndm", "dpm++", "euler", "lms"]
+    assert all(r["seconds_per_image"] > 0 and 0 <= r["joint"] <= 1 for r in samplers)
+    report = (out / "report.md").read_text()
+    assert "VAE validation PSNR" in report and "new concept (cyan)" in report and "Wall time" in report
+    assert {row["guidance"] for row in results["base"]} == {1.0, 3.0, 5.0, 7.5}
+    # A second run finds every stage complete and only re-evaluates.
+    from ldm_tune import training
+
+    monkeypatch.setattr(training.Trainer, "run_loop", lambda self: (_ for _ in ()).throw(AssertionError("retrained")))
+    run_demo(out, DemoSettings.quick())
+
+
+def test_caption_words_cover_the_new_concept():
+    words = caption_words()
+    assert "cyan" in words and "triangle" in words and "gray" in words
