@@ -65,7 +65,9 @@ def sampler_table(model: Path, prompts: list[str], quick: bool, seed: int) -> tu
     rows, images = [], {}
     for name, steps in SAMPLERS:
         steps = min(steps, 3) if quick else steps
-        pipe.set_scheduler(name)
+        # All 1000 training timesteps need "trailing" spacing: SD's "leading" spacing with steps_offset 1 would
+        # ask for timestep 1000.
+        pipe.set_scheduler(name, **({"timestep_spacing": "trailing"} if steps >= 1000 else {}))
         with PeakMemory(pipe.device) as memory:
             start = time.perf_counter()
             batch = pipe.generate(prompts, num_inference_steps=steps, guidance_scale=5.0, seed=seed, progress=False)

@@ -165,8 +165,16 @@ class LDMInference:
                     f"got {value!r}."
                 )
         steps, max_steps = params.num_inference_steps, self.scheduler.config.num_train_timesteps
+        config = self.scheduler.config
+        if config.get("timestep_spacing", "leading") == "leading" and config.get("steps_offset", 0):
+            # "leading" spacing adds steps_offset to every timestep: at the full step count the last one is out of
+            # range (diffusers would fail with an IndexError deep inside the scheduler).
+            max_steps -= config.steps_offset
         if not isinstance(steps, int) or not 1 <= steps <= max_steps:
-            raise ValueError(f"`num_inference_steps` must be an integer in [1, {max_steps}], got {steps!r}.")
+            raise ValueError(
+                f"`num_inference_steps` must be an integer in [1, {max_steps}], got {steps!r} (with steps_offset, "
+                "use timestep_spacing='trailing' to sample every training timestep)."
+            )
         guidance = params.guidance_scale
         if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
             raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {guidance!r}.")

@@ -118,7 +118,8 @@ def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
     [
         (dict(height=62), "`height` must be a positive multiple of 4"),
         (dict(width=0), "`width` must be a positive multiple of 4"),
-        (dict(num_inference_steps=0), r"`num_inference_steps` must be an integer in \[1, 1000\]"),
+        (dict(num_inference_steps=0), r"`num_inference_steps` must be an integer in \[1, 999\]"),
+        (dict(num_inference_steps=1000), r"`num_inference_steps` must be .* use timestep_spacing='trailing'"),
         (dict(prompt=[]), "`prompt` must not be an empty list"),
         (dict(prompt=["a", "b"], negative_prompt=["x"]), "`negative_prompt` has 1 entries but `prompt` has 2"),
         (dict(guidance_rescale=1.5), r"`guidance_rescale` must be in \[0, 1\]"),
@@ -223,3 +224,9 @@ def test_auto_device_and_dtype_on_this_machine(pipe):
         assert default_dtype(torch.device("cpu")) == torch.float32
     assert default_dtype(torch.device("cuda")) == torch.float16
     assert pipe.dtype == torch.float32
+
+
+def test_every_training_timestep_with_trailing_spacing(pipe):
+    pipe.set_scheduler("ddpm", timestep_spacing="trailing")
+    latents = pipe.generate("a red circle", seed=0, num_inference_steps=1000, output_type="latent", progress=False)
+    assert torch.isfinite(latents).all() and pipe.scheduler.timesteps[0] == 999
