@@ -143,8 +143,11 @@ def loss_curves(out: Path) -> list[Path]:
     return paths
 
 
-def write_report(out: Path, s, summaries: dict, timings: dict, started: float) -> dict:
+def write_report(out: Path, s, summaries: dict) -> dict:
     """Evaluate the trained models, write every artefact and report.md; returns the numbers."""
+    from ldm_tune.demo import add_time
+
+    started = time.perf_counter()
     quick = s.unet_steps < 100
     old, new = default_prompts(), default_prompts(colors=[NEW_COLOR], shapes=SHAPES)
     steps = s.eval_steps
@@ -172,8 +175,9 @@ def write_report(out: Path, s, summaries: dict, timings: dict, started: float) -
     trajectory_strip(out / "unet" / "pipeline", old[0], max(steps, 6), out / "trajectory.png")
     curves = loss_curves(out)
     by_guidance = {r["guidance"]: r for r in base["rows"]}
+    timings = add_time(out, "evaluation", time.perf_counter() - started)
     results = {
-        "wall_seconds": time.perf_counter() - started, "timings": timings,
+        "wall_seconds": sum(timings.values()), "timings": timings,
         "vae_psnr": summaries["vae"].get("val_psnr"), "base": base["rows"], "samplers": rows,
         "new_concept_before": new_before["rows"][0]["joint"], "new_concept_after": new_after["rows"][0]["joint"],
         "old_after_finetune": old_after["rows"][0]["joint"], "old_before_finetune": by_guidance[5.0]["joint"],
@@ -193,7 +197,8 @@ def _write_markdown(out: Path, r: dict, base: dict, rows: list[dict], curves: li
     lines = [
         "# ldm_tune demo report", "",
         f"Wall time: **{r['wall_seconds'] / 60:.1f} min** (target <= 10 min on 2 CPU cores: "
-        f"{_target(r['wall_seconds'] <= 600)}).", "",
+        f"{_target(r['wall_seconds'] <= 600)}), summed over resumed runs: "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in r["timings"].items()) + ".", "",
         "## Accuracy on the colour x shape prompts (DDIM, guidance per row)", "", format_table(base), "",
         "| target | measured | |", "|---|---:|---|",
         f"| colour accuracy >= 90 % (guidance 5) | {g[5.0]['color']:.1%} | {_target(g[5.0]['color'] >= 0.9)} |",
