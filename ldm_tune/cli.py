@@ -108,6 +108,8 @@ def _add_make_dataset(sub) -> None:
     parser.add_argument("--size", type=int, default=64, help="Image size in pixels.")
     parser.add_argument("--seed", type=int, default=0, help="Seed (the dataset is deterministic for a seed).")
     parser.add_argument("--validation-fraction", type=float, default=0.1, help="Held-out fraction.")
+    parser.add_argument("--colors", nargs="+", help="Colours to draw (default: the six base colours; cyan is the "
+                        "new-concept colour).")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,7 +250,7 @@ def _run_make_dataset(args) -> None:
     from ldm_tune.data.shapes import make_shapes_dataset
 
     path = make_shapes_dataset(args.out, n=args.n, size=args.size, seed=args.seed,
-                               validation_fraction=args.validation_fraction)  # fmt: skip
+                               validation_fraction=args.validation_fraction, colors=args.colors)  # fmt: skip
     print(f"Wrote the {args.kind} dataset to {path} (train/ and validation/)")
 
 

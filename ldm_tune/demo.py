@@ -89,11 +89,14 @@ def make_data(out: Path, s: DemoSettings) -> dict[str, Path]:
     return {"base": base, "new": new, "finetune": finetune}
 
 
-def add_time(out: Path, phase: str, seconds: float) -> dict:
-    """Add `seconds` to `phase` in out/timings.json: a demo resumed after a kill still reports its whole cost."""
+def add_time(out: Path, phase: str, seconds: float, replace: bool = False) -> dict:
+    """Add `seconds` to `phase` in out/timings.json: a demo resumed after a kill still reports its whole cost.
+
+    `replace`: for a phase every run redoes in full (the evaluation), keep the last run's time.
+    """
     path = out / "timings.json"
     timings = json.loads(path.read_text()) if path.exists() else {}
-    timings[phase] = timings.get(phase, 0.0) + seconds
+    timings[phase] = (0.0 if replace else timings.get(phase, 0.0)) + seconds
     path.write_text(json.dumps(timings, indent=2))
     return timings
 

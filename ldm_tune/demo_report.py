@@ -26,7 +26,8 @@ SAMPLERS = [("ddpm", 1000), ("ddpm", 50), ("ddim", 50), ("pndm", 50), ("dpm++", 
 
 
 class PeakMemory:
-    """Peak resident memory (CPU; /proc sampling every 5 ms) or peak CUDA memory above the level at start, in MiB."""
+    """Peak memory while sampling, in MiB: the process's resident set (CPU; /proc sampled every 5 ms; it includes
+    the models and what earlier work left allocated), or CUDA memory allocated (GPU)."""
 
     def __init__(self, device: torch.device):
         self.device, self.peak, self._stop = device, 0, threading.Event()
@@ -56,7 +57,8 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-        self.mib = (self.peak - self.base) / 2**20
+        # An increase over the start would be ~0 once the allocator holds earlier pages: report the level itself.
+        self.mib = self.peak / 2**20
 
 
 def sampler_table(model: Path, prompts: list[str], quick: bool, seed: int) -> tuple[list[dict], dict]:
@@ -82,7 +84,7 @@ def sampler_table(model: Path, prompts: list[str], quick: bool, seed: int) -> tu
 
 def _markdown_samplers(rows: list[dict]) -> str:
     lines = [
-        "| sampler (steps) | s / image | peak memory MiB | colour | shape | joint |",
+        "| sampler (steps) | s / image | peak RSS MiB (process) | colour | shape | joint |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -175,7 +177,7 @@ def write_report(out: Path, s, summaries: dict) -> dict:
     trajectory_strip(out / "unet" / "pipeline", old[0], max(steps, 6), out / "trajectory.png")
     curves = loss_curves(out)
     by_guidance = {r["guidance"]: r for r in base["rows"]}
-    timings = add_time(out, "evaluation", time.perf_counter() - started)
+    timings = add_time(out, "evaluation", time.perf_counter() - started, replace=True)
     results = {
         "wall_seconds": sum(timings.values()), "timings": timings,
         "vae_psnr": summaries["vae"].get("val_psnr"), "base": base["rows"], "samplers": rows,
