@@ -36,8 +36,8 @@ class DemoSettings:
     new_concept_images: int = 60
     replay_images: int = 150
     size: int = 32
-    vae_steps: int = 500
-    unet_steps: int = 3000
+    vae_steps: int = 600
+    unet_steps: int = 2400
     finetune_steps: int = 300
     batch_size: int = 32
     eval_images_per_prompt: int = 4
@@ -145,7 +145,9 @@ def train_stages(out: Path, data: dict[str, Path], s: DemoSettings) -> dict[str,
             "background]"]  # fmt: skip
     summaries["unet"] = _stage(out / "unet", [
         *unet, *base_data, f"model.pretrained_model_name_or_path={out / 'vae' / 'pipeline'}",
+        # Cosine decay: the last steps at a low rate settle colours (a constant rate kept confusing red and orange).
         f"training.max_train_steps={s.unet_steps}", "training.learning_rate=1e-3", "training.lr_warmup_steps=100",
+        "training.lr_scheduler=cosine",
         f"checkpointing.checkpointing_steps={max(1, s.unet_steps // 4)}",
         f"validation.validation_steps={max(1, s.unet_steps // 4)}",
     ])  # fmt: skip
