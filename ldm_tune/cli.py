@@ -71,21 +71,24 @@ def _add_generate(sub) -> None:
     parser.add_argument("--out", required=True, help="Folder for the PNGs, the grid and the parameters JSON.")
 
 
+def _config_arguments(parser, config_help: str) -> None:
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Dotted overrides of config keys.")
+
+
 def _add_train(sub) -> None:
     parser = sub.add_parser(
         "train",
         help="Fine-tune the UNet (same code as `accelerate launch train.py`).",
         description="Train from a YAML config; override any key with section.key=value, e.g. training.learning_rate=1e-5.",
     )
-    parser.add_argument("--config", help="YAML config file (see configs/); defaults apply to missing keys.")
+    _config_arguments(parser, "YAML config file (see configs/); defaults apply to missing keys.")
     parser.add_argument("--help-config", action="store_true", help="Print every config key with its default and exit.")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Dotted overrides of config keys.")
 
 
 def _add_train_vae(sub) -> None:
     parser = sub.add_parser("train-vae", help="Train the VAE: the same as `train` with stage=vae.")
-    parser.add_argument("--config", help="YAML config file; `stage` is set to vae.")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Dotted overrides of config keys.")
+    _config_arguments(parser, "YAML config file; `stage` is set to vae.")
 
 
 def _add_demo(sub) -> None:
@@ -96,8 +99,7 @@ def _add_demo(sub) -> None:
 
 def _add_inspect_data(sub) -> None:
     parser = sub.add_parser("inspect-data", help="Check the data of a training config and print the report.")
-    parser.add_argument("--config", help="YAML training config (its model gives the tokenizer).")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Dotted overrides of config keys.")
+    _config_arguments(parser, "YAML training config (its model gives the tokenizer).")
 
 
 def _add_make_dataset(sub) -> None:

@@ -200,37 +200,34 @@ def _make_posterior_sharp(vae: AutoencoderKL) -> None:
         vae.quant_conv.bias[half:].fill_(-20.0)
 
 
-def build_tiny(seed: int = 0, words: Iterable[str] = ()) -> ModelComponents:
-    """Random-weight components of the `tiny` preset (CPU-fast, 64 px images)."""
+def _build_small(unet_config: dict, vae_config: dict, text_config: dict, seed: int, words: Iterable[str],
+                 sharp_posterior: bool) -> ModelComponents:  # fmt: skip
+    """Random-weight components from small configs, with an offline tokenizer that knows `words`."""
     tokenizer = build_tokenizer(words)
     _seeded(seed, 0)
-    unet = UNet2DConditionModel(**TINY_UNET)
+    unet = UNet2DConditionModel(**unet_config)
     _seeded(seed, 1)
-    vae = AutoencoderKL(**TINY_VAE)
-    _make_posterior_sharp(vae)
+    vae = AutoencoderKL(**vae_config)
+    if sharp_posterior:
+        _make_posterior_sharp(vae)
     _seeded(seed, 2)
-    text_config = CLIPTextConfig(
-        **TINY_TEXT_ENCODER,
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    text_encoder = CLIPTextModel(text_config)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config, vocab_size=len(tokenizer), **ids))
     return ModelComponents(vae, text_encoder, tokenizer, unet, dict(SD15_SCHEDULER))
 
 
+def build_tiny(seed: int = 0, words: Iterable[str] = ()) -> ModelComponents:
+    """Random-weight components of the `tiny` preset (CPU-fast, 64 px images)."""
+    return _build_small(TINY_UNET, TINY_VAE, TINY_TEXT_ENCODER, seed, words, sharp_posterior=True)
+
+
 def build_demo(seed: int = 0, words: Iterable[str] = ()) -> ModelComponents:
-    """Random-weight components of the `demo` preset (32 px), with a tokenizer that knows the caption words."""
-    tokenizer = build_tokenizer(words)
-    _seeded(seed, 0)
-    unet = UNet2DConditionModel(**DEMO_UNET)
-    _seeded(seed, 1)
-    vae = AutoencoderKL(**DEMO_VAE)
-    _seeded(seed, 2)
-    text_config = CLIPTextConfig(**DEMO_TEXT_ENCODER, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    return ModelComponents(vae, CLIPTextModel(text_config), tokenizer, unet, dict(SD15_SCHEDULER))
+    """Random-weight components of the `demo` preset (32 px), with a tokenizer that knows the caption words.
+
+    Its VAE is trained from scratch by the demo, so the random posterior is left as it is.
+    """
+    return _build_small(DEMO_UNET, DEMO_VAE, DEMO_TEXT_ENCODER, seed, words, sharp_posterior=False)
 
 
 def build_sd15_arch(seed: int = 0, device: str | torch.device = "cpu") -> ModelComponents:
