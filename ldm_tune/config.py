@@ -68,6 +68,7 @@ class DataConfig:
     cache_latents: bool = _f(False, "Encode every image (and its flip) once through the VAE and train from disk.")
     cache_text_embeddings: bool = _f(False, "Encode every caption (and the empty one) once through the text encoder.")
     cache_batch_size: int = _f(16, "Batch size when filling the latent and text caches.")
+    cache_memory_mib: float = _f(1024, "Keep up to this many MiB of cache files in RAM once read (per loader worker).")
     download_workers: int = _f(8, "Parallel downloads for http(s) images.")
     download_timeout: float = _f(10.0, "Seconds to connect, and between bytes, for a download.")
     download_total_timeout: float = _f(60.0, "Seconds a single download may take in all.")
@@ -95,6 +96,9 @@ class TrainingConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: off).")
     mixed_precision: str = _f("no", "no, fp16 (CUDA only) or bf16; the UNet keeps fp32 master weights.")
     gradient_checkpointing: bool = _f(False, "Recompute UNet activations in the backward pass to save memory.")
+    trainable_modules: list[str] | None = _f(
+        None, "Train only parameters whose name contains one of these (e.g. [attn2.]: cross-attention); null: all."
+    )
     allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere+ GPUs.")
     use_ema: bool = _f(False, "Keep an exponential moving average of the UNet weights (exported at the end).")
     ema_decay: float = _f(0.9999, "Maximum EMA decay.")
@@ -128,7 +132,10 @@ class ValidationConfig:
 class VAEConfig:
     kl_weight: float = _f(1e-6, "Weight of the KL term against the reconstruction loss (stage: vae).")
     reconstruction_loss: str = _f("mse", "mse or l1 (stage: vae).")
-    from_scratch: bool = _f(False, "Re-initialise the model's VAE with its architecture instead of fine-tuning it.")
+    from_scratch: bool = _f(
+        False,
+        "Re-initialise the model's VAE (same architecture, near-deterministic posterior) instead of fine-tuning.",
+    )
     compute_scaling_factor: bool = _f(
         True,
         "After training, set scaling_factor = 1 / std of the latents (as SD did), so the UNet sees unit variance.",
@@ -355,7 +362,8 @@ def _validate_ranges(config: TrainConfig) -> None:
     for key, value in (("training.learning_rate", t.learning_rate), ("training.lr_warmup_steps", t.lr_warmup_steps),
                        ("training.max_grad_norm", t.max_grad_norm), ("training.noise_offset", t.noise_offset),
                        ("training.input_perturbation", t.input_perturbation),
-                       ("validation.validation_steps", v.validation_steps)):  # fmt: skip
+                       ("validation.validation_steps", v.validation_steps),
+                       ("data.cache_memory_mib", d.cache_memory_mib)):  # fmt: skip
         if value < 0:
             raise ValueError(f"`{key}` must be >= 0, got {value}.")
     if t.snr_gamma is not None and t.snr_gamma <= 0:

@@ -214,6 +214,10 @@ def _write_markdown(out: Path, r: dict, base: dict, rows: list[dict], curves: li
         f"{r['new_concept_after']:.1%} | {_target(r['new_concept_after'] >= 0.7)} |",
         f"| old concepts drop <= 10 points | {r['old_before_finetune']:.1%} -> {r['old_after_finetune']:.1%} | "
         f"{_target(drop <= 0.10)} |", "",
+        "Recipe: the VAE is trained from scratch on unlabelled shapes in all seven colours (cyan included: an "
+        "autoencoder has seen every colour before a word is fine-tuned); the UNet learns the six base colours with "
+        "a frozen random text encoder; the fine-tune trains only the UNet's cross-attention (`attn2`) on the "
+        f"{NEW_COLOR} images mixed with replayed base images.", "",
         "## Samplers (guidance 5)", "", _markdown_samplers(rows), "",
         "![prompts x samplers](grid.png)", "", "Forward diffusion (0, 25, 50, 70, 100 % noise):", "",
         "![forward](forward.png)", "", "Denoising trajectory (decoded x0 predictions):", "", "![trajectory](trajectory.png)",

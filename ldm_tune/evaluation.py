@@ -184,30 +184,41 @@ def evaluate(
     seed: int = 0,
     checkpoint=None,
     device: str = "cpu",
+    batch_size: int = 32,
 ) -> dict:
     """Sample `model_dir` at every guidance scale from the same seeds and score the images with `classify`.
 
     Prompt `i` is generated with seed `seed + i`, so its starting noise is the same at every guidance scale and
-    does not depend on which other prompts are evaluated. Returns one row of accuracies per guidance scale.
+    does not depend on which other prompts are evaluated. Prompts are sampled together, about `batch_size` images
+    per call (one call per prompt when `images_per_prompt` exceeds it). Returns one row of accuracies per guidance
+    scale.
     """
+    import torch
+
     from ldm_tune.inference import LDMInference
 
     prompts = list(prompts)
     _targets(prompts)  # refuse unscorable prompts before the model loads
-    if not prompts or not guidance_scales or images_per_prompt < 1:
-        raise ValueError("`prompts` and `guidance_scales` must not be empty and `images_per_prompt` must be >= 1.")
+    if not prompts or not guidance_scales or images_per_prompt < 1 or batch_size < 1:
+        raise ValueError("`prompts` and `guidance_scales` must not be empty; `images_per_prompt` and `batch_size` "
+                         f"must be >= 1, got {images_per_prompt} and {batch_size}.")  # fmt: skip
     pipe = LDMInference.from_pretrained(model_dir, checkpoint=checkpoint, scheduler=scheduler, device=device)
+    chunk = max(1, batch_size // images_per_prompt)  # prompts per sampling call
     rows = []
     for guidance in guidance_scales:
         images = []
-        for number, prompt in enumerate(prompts):
+        for first in range(0, len(prompts), chunk):
+            numbers = range(first, min(first + chunk, len(prompts)))
+            # One generator per prompt, shared by its images: a prompt's noise depends on `seed + i` only, not on
+            # the batch it is sampled in (diffusers draws each image of a generator list in turn).
+            generators = [torch.Generator(pipe.device).manual_seed(seed + i) for i in numbers]
             images += pipe.generate(
-                [prompt],
+                [prompts[i] for i in numbers],
                 negative_prompt="",
                 num_inference_steps=steps,
                 guidance_scale=float(guidance),
                 num_images_per_prompt=images_per_prompt,
-                seed=seed + number,
+                generator=[g for g in generators for _ in range(images_per_prompt)],
                 progress=False,
             )
         rows.append({"guidance": float(guidance), **score(images, prompts, images_per_prompt)})
@@ -219,6 +230,7 @@ def evaluate(
         "scheduler": scheduler,
         "steps": steps,
         "images_per_prompt": images_per_prompt,
+        "batch_size": batch_size,
         "seed": seed,
         "prompts": prompts,
     }
@@ -256,6 +268,7 @@ def add_evaluate_parser(subparsers) -> None:
         "--guidance", type=float, nargs="+", default=list(DEFAULT_GUIDANCE), help="Guidance scales to compare."
     )
     parser.add_argument("--images-per-prompt", type=int, default=4, help="Images generated per prompt.")
+    parser.add_argument("--batch-size", type=int, default=32, help="About this many images per sampling call.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the first prompt (prompt i uses seed + i).")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, ...")
     parser.add_argument("--out", help="Write the full result (per-prompt predictions included) to this new JSON file.")
@@ -281,6 +294,7 @@ def run_evaluate(args) -> None:
         seed=args.seed,
         checkpoint=args.checkpoint,
         device=args.device,
+        batch_size=args.batch_size,
     )
     result["suite"] = args.suite
     print(

@@ -187,6 +187,9 @@ class LDMInference:
             raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {per_prompt!r}.")
         if params.seed is not None and generator is not None:
             raise ValueError("Pass either `seed` or `generator`, not both.")
+        if isinstance(generator, list) and len(generator) != len(prompts) * per_prompt:
+            raise ValueError(f"`generator` as a list needs one generator per image ({len(prompts) * per_prompt}), "
+                             f"got {len(generator)}.")  # fmt: skip
         if params.seed is not None and (not isinstance(params.seed, int) or not 0 <= params.seed < 2**64):
             raise ValueError(f"`seed` must be an integer in [0, 2**64), got {params.seed!r}.")
         if callback is not None and not callable(callback):
@@ -301,7 +304,7 @@ class LDMInference:
         eta: float = 0.0,
         num_images_per_prompt: int = 1,
         seed: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_path: str | Path | None = None,
         callback: Callable | None = None,
         output_type: str = "pil",
@@ -318,7 +321,7 @@ class LDMInference:
             guidance_rescale: 0-1, rescales CFG output (arXiv 2305.08891). eta: DDIM noise (0 = deterministic).
             num_images_per_prompt: images per prompt, consecutive in the output.
             seed: seeds a `torch.Generator` on the model's device (a random seed is drawn and recorded if None).
-            generator: a generator to use instead of `seed`.
+            generator: a generator to use instead of `seed`, or a list of one per image (as in diffusers).
             output_path: folder to write PNGs and a JSON of every parameter into (never overwrites files).
             callback: called as `callback(step, timestep, latents)` after every sampler step; the sampler's
                 estimate of the clean latents is then in `self.pred_original_sample` (when it has one).

@@ -138,6 +138,8 @@ class Trainer(ValidationMixin):
         self.text_encoder = components.text_encoder.to(self.accelerator.device, dtype=self.weight_dtype)
         self.model = components.unet
         self.model.train()
+        if t.trainable_modules is not None:
+            select_trainable(self.model, t.trainable_modules)
         if t.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         # The training noise schedule is the model's own, with the chosen parameterisation.
@@ -172,9 +174,10 @@ class Trainer(ValidationMixin):
             lr *= t.train_batch_size * t.gradient_accumulation_steps * acc.num_processes
         kwargs = {"lr": lr, "betas": (t.adam_beta1, t.adam_beta2), "weight_decay": t.adam_weight_decay,
                   "eps": t.adam_epsilon}  # fmt: skip
-        # Fused AdamW (one kernel for all parameters) on CUDA; the multi-tensor foreach path elsewhere.
-        kwargs["fused" if acc.device.type == "cuda" else "foreach"] = True
-        optimizer = torch.optim.AdamW(self.model.parameters(), **kwargs)
+        # Fused AdamW (one kernel over all parameters) on CUDA and CPU: on CPU the foreach path loops per tensor and
+        # costs ~3.5x the fused step (8.9 vs 2.5 ms for the demo UNet); the foreach path elsewhere (e.g. MPS).
+        kwargs["fused" if acc.device.type in ("cuda", "cpu") else "foreach"] = True
+        optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], **kwargs)
         self.streaming = isinstance(self.train_loader, MainProcessStream)
         if self.streaming:  # the stream shards its batches itself (see ldm_tune.data.streaming)
             self.model, self.optimizer = acc.prepare(self.model, optimizer)
@@ -419,6 +422,27 @@ class Trainer(ValidationMixin):
         base.scheduler_config = self.scheduler_config  # the trained prediction type travels with the model
         save_model_folder(base, self.output_dir / "pipeline", replace=True)
         return {}
+
+
+def select_trainable(model: torch.nn.Module, patterns: list[str]) -> int:
+    """Freeze every parameter whose name contains none of `patterns`; returns the number of trainable values.
+
+    E.g. `["attn2."]` trains only the UNet's cross-attention, the layers that read the text: Custom Diffusion
+    (Kumari et al. 2023, arXiv 2212.04488) fine-tunes new concepts there (its K/V), which forgets far less of what
+    the model knew than training every weight.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    chosen = {name for name in names if any(pattern in name for pattern in patterns)}
+    if not chosen:
+        raise ValueError(
+            f"`training.trainable_modules` {patterns} matches no parameter of the {type(model).__name__}; names "
+            f"look like {names[:2] + names[len(names) // 2 : len(names) // 2 + 2]}."
+        )
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in chosen)
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("Training %d of %d parameters (%s).", count, sum(p.numel() for p in model.parameters()), patterns)
+    return count
 
 
 def _flat_scalars(tree: dict, prefix: str = "") -> dict:

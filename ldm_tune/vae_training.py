@@ -17,11 +17,11 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from PIL import Image
 
-from ldm_tune.components import load_components, save_model_folder
+from ldm_tune.components import load_components, save_model_folder, sharpen_posterior
 from ldm_tune.data.dataset import collate
 from ldm_tune.io_utils import save_atomically
 from ldm_tune.losses import draw
-from ldm_tune.training import Trainer
+from ldm_tune.training import Trainer, select_trainable
 
 
 class _AutoencoderWithLoss(torch.nn.Module):
@@ -58,8 +58,10 @@ class VAETrainer(Trainer):
         vae = components.vae
         if self.config.vae.from_scratch:
             torch.manual_seed(self.config.seed)
-            vae = AutoencoderKL.from_config(vae.config)
+            vae = sharpen_posterior(AutoencoderKL.from_config(vae.config))
         vae.train().requires_grad_(True)
+        if t.trainable_modules is not None:  # e.g. [decoder.]: SD's ft-MSE VAE fine-tuned only the decoder
+            select_trainable(vae, t.trainable_modules)
         if t.gradient_checkpointing:
             vae.enable_gradient_checkpointing()
         self.vae = None  # nothing frozen to encode with: the VAE is what trains

@@ -386,3 +386,22 @@ def test_an_interrupted_cache_fill_is_reused(make_config, shapes_dir, tmp_path, 
     trainer = Trainer(make_config(*overrides, output_dir=tmp_path / "b"))
     assert trainer.loaders.latents_encoded == 7  # only what the interrupted run had not written
     assert trainer.train()["global_step"] == 2
+
+
+def test_cache_files_are_kept_in_memory_up_to_the_budget(tmp_path):
+    from ldm_tune.data.cache import LatentCache, TextCache
+
+    texts = TextCache(tmp_path, "f" * 64, memory_mib=1)
+    texts.save("a red circle", torch.ones(16, 8))
+    assert torch.equal(texts.load("a red circle"), torch.ones(16, 8))
+    texts.path("a red circle").unlink()
+    assert torch.equal(texts.load("a red circle"), torch.ones(16, 8))  # served from memory once read
+    # Over budget, a file is read again every time (nothing of it is held).
+    latents = LatentCache(tmp_path, "f" * 64, {"random_flip": False}, memory_mib=0.001)
+    big = torch.zeros(4, 32, 32)  # 16 KiB > 1 KiB
+    latents.save("ab" * 32, (32, 32), {"mean": big, "std": big.clone()})
+    mean, _ = latents.load("ab" * 32, (32, 32), flip=False)
+    assert torch.equal(mean, big) and latents.memory.used == 0
+    latents.path("ab" * 32, (32, 32)).unlink()
+    with pytest.raises(FileNotFoundError):
+        latents.load("ab" * 32, (32, 32), flip=False)

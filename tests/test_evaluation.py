@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from ldm_tune.data.shapes import COLORS, NEW_COLORS, make_shapes_dataset
@@ -19,6 +20,7 @@ from ldm_tune.evaluation import (
     run_evaluate,
     score,
 )
+from ldm_tune.inference import LDMInference
 
 
 def _records(root):
@@ -190,3 +192,40 @@ def test_evaluate_end_to_end_and_cli(tiny_model_dir, tmp_path, capsys):
     assert printed.count("\n| 1 |") + printed.count("\n| 5 |") == 2
     with pytest.raises(FileExistsError):
         run_evaluate(args)  # never overwrites a result
+
+
+def test_batched_sampling_keeps_each_prompts_noise(tiny_model_dir):
+    """`evaluate` samples prompts together with one generator per prompt: a prompt's images must not depend on the
+    batch (a DDPM sampler also draws noise at every step)."""
+    pipe = LDMInference.from_pretrained(tiny_model_dir, device="cpu", scheduler="ddpm")
+    prompts = ["a red circle on a white background", "a blue square on a black background"]
+
+    def sample(numbers):
+        generators = [torch.Generator().manual_seed(100 + i) for i in numbers]
+        return pipe.generate([prompts[i] for i in numbers], num_inference_steps=4, guidance_scale=5.0,
+                             num_images_per_prompt=2, generator=[g for g in generators for _ in range(2)],
+                             output_type="np", progress=False)  # fmt: skip
+
+    together = sample([0, 1])
+    apart = np.concatenate([sample([0]), sample([1])])
+    np.testing.assert_allclose(together, apart, atol=1e-5)
+    assert np.abs(together[0] - together[2]).max() > 1e-3  # different prompts and noise give different images
+    with pytest.raises(ValueError, match="one generator per image"):
+        pipe.generate(prompts, generator=[torch.Generator()] * 3, num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(tiny_model_dir, prompts, steps=2, batch_size=0)
+
+
+def test_any_colour_dataset_names_no_colour_and_varies_hue(tmp_path):
+    root = make_shapes_dataset(tmp_path / "any", n=40, size=32, seed=3, colors=["any"])
+    records = list(_records(root))
+    assert all(parse_prompt(r["text"])[0] is None and r["shape"] in r["text"] for _, r in records)
+    hues = set()
+    for path, _ in records:
+        pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+        hues.add(tuple(max(map(tuple, pixels), key=lambda rgb: max(rgb) - min(rgb))))  # the most saturated pixel
+    assert len(hues) > 30  # a new colour per image
+    again = make_shapes_dataset(tmp_path / "again", n=40, size=32, seed=3, colors=["any"])
+    assert (root / "train" / "00000.png").read_bytes() == (again / "train" / "00000.png").read_bytes()
+    with pytest.raises(ValueError, match="Unknown colors"):
+        make_shapes_dataset(tmp_path / "bad", n=4, colors=["teal"])

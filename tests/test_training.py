@@ -45,6 +45,20 @@ def test_one_step_changes_the_unet_and_nothing_else(make_config):
     assert not any(p.requires_grad for p in trainer.text_encoder.parameters())
 
 
+def test_trainable_modules_train_only_what_they_name(make_config):
+    trainer = Trainer(make_config("training.max_train_steps=2", "training.trainable_modules=[attn2.to_k, attn2.to_v]"))
+    before = snapshot(trainer.unet)
+    trainer.train()
+    after = snapshot(trainer.accelerator.unwrap_model(trainer.unet))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in changed)
+    assert any(".attn2.to_q." in k for k in before)  # the tiny UNet has other attention weights that stayed
+    exported = unet_weights(trainer.output_dir / "unet")
+    assert all(torch.equal(exported[k], after[k]) for k in after)  # the whole UNet is exported
+    with pytest.raises(ValueError, match="trainable_modules.*matches no parameter"):
+        Trainer(make_config("training.trainable_modules=[no_such_layer]", output_dir=trainer.output_dir / "x"))
+
+
 def test_outputs_load_everywhere(make_config, tiny_model_dir):
     config = make_config("training.max_train_steps=2", "checkpointing.checkpointing_steps=1")
     Trainer(config).train()

@@ -34,6 +34,26 @@ def model_fingerprint(model: torch.nn.Module, extra: object = None) -> str:
     return digest.hexdigest()
 
 
+class _MemoryLayer:
+    """Files already read, kept in RAM up to a byte budget (first come, kept; then read from disk).
+
+    A cached step reads one small file per item: ~10 ms of a 70 ms step for the demo's 8x8 latents. Each DataLoader
+    worker holds its own copy, so the budget is per worker.
+    """
+
+    def __init__(self, budget_mib: float):
+        self.budget, self.used, self.tensors = int(budget_mib * 2**20), 0, {}
+
+    def load(self, path: Path) -> dict[str, torch.Tensor]:
+        tensors = self.tensors.get(path)
+        if tensors is None:
+            tensors = load_file(str(path))
+            size = sum(t.numel() * t.element_size() for t in tensors.values())
+            if self.used + size <= self.budget:
+                self.tensors[path], self.used = tensors, self.used + size
+        return tensors
+
+
 def _save_atomic(tensors: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -44,9 +64,10 @@ def _save_atomic(tensors: dict, path: Path) -> None:
 class LatentCache:
     """Posterior mean and std of each (image, crop size), plus the flipped image's when flips are used."""
 
-    def __init__(self, root: Path, vae_fingerprint: str, settings: dict):
+    def __init__(self, root: Path, vae_fingerprint: str, settings: dict, memory_mib: float = 0):
         key = hashlib.sha256(json.dumps([vae_fingerprint, settings], sort_keys=True).encode()).hexdigest()[:20]
         self.folder, self.with_flip = Path(root) / "latents" / key, bool(settings.get("random_flip"))
+        self.memory = _MemoryLayer(memory_mib)
 
     def path(self, sha256: str, size: tuple[int, int]) -> Path:
         return self.folder / sha256[:2] / f"{sha256}-{size[0]}x{size[1]}.safetensors"
@@ -55,7 +76,7 @@ class LatentCache:
         return self.path(sha256, size).is_file()
 
     def load(self, sha256: str, size: tuple[int, int], flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        tensors = load_file(str(self.path(sha256, size)))
+        tensors = self.memory.load(self.path(sha256, size))
         suffix = "_flip" if flip else ""
         return tensors["mean" + suffix], tensors["std" + suffix]
 
@@ -66,8 +87,9 @@ class LatentCache:
 class TextCache:
     """The text encoder's last hidden state for each caption."""
 
-    def __init__(self, root: Path, fingerprint: str):
+    def __init__(self, root: Path, fingerprint: str, memory_mib: float = 0):
         self.folder = Path(root) / "text" / fingerprint[:20]
+        self.memory = _MemoryLayer(memory_mib)
 
     def path(self, caption: str) -> Path:
         sha = hashlib.sha256(caption.encode("utf-8")).hexdigest()
@@ -77,7 +99,7 @@ class TextCache:
         return self.path(caption).is_file()
 
     def load(self, caption: str) -> torch.Tensor:
-        return load_file(str(self.path(caption)))["hidden"]
+        return self.memory.load(self.path(caption))["hidden"]
 
     def save(self, caption: str, hidden: torch.Tensor) -> None:
         _save_atomic({"hidden": hidden}, self.path(caption))

@@ -57,12 +57,12 @@ def _fill_caches(config, datasets, accelerator, tokenizer, vae, text_encoder, we
     if d.cache_latents:
         settings = {"interpolation": d.image_interpolation_mode, "random_flip": d.random_flip, "crop": "center",
                     "dtype": str(weight_dtype)}  # fmt: skip
-        cache = LatentCache(root, model_fingerprint(vae), settings)
+        cache = LatentCache(root, model_fingerprint(vae), settings, d.cache_memory_mib)
         for dataset in datasets:
             latents += fill_latent_cache(cache, dataset, vae, d.cache_batch_size, rank, world, progress)
             dataset.latent_cache = cache
     if d.cache_text_embeddings:
-        cache = TextCache(root, model_fingerprint(text_encoder, extra=tokenizer.model_max_length))
+        cache = TextCache(root, model_fingerprint(text_encoder, extra=tokenizer.model_max_length), d.cache_memory_mib)
         # Every caption an item can draw, plus the empty one that caption dropout and CFG use.
         captions = [""] + [c for dataset in datasets for item in dataset.items for c in item.captions]
         texts = fill_text_cache(cache, captions, tokenizer, text_encoder, d.cache_batch_size, rank, world, progress)

@@ -6,6 +6,7 @@ a seed. It lets the whole train-and-sample loop run offline and be scored by wha
 
 from __future__ import annotations
 
+import colorsys
 import json
 import math
 from pathlib import Path
@@ -27,9 +28,18 @@ COLORS = {
 # Colours absent from the base data: a dataset made with `colors=["cyan", ...]` teaches a new concept to a model
 # fine-tuned on the default colours. Kept apart from COLORS so the default datasets (and their seeds) never change.
 NEW_COLORS = {"cyan": (30, 190, 200)}
-PALETTE = {**COLORS, **NEW_COLORS}  # every colour a shape may be drawn in
+PALETTE = {**COLORS, **NEW_COLORS}  # every named colour a shape may be drawn in
+# `colors=["any"]`: each shape in a colour of uniformly random hue (saturation and brightness in the palette's
+# range), captioned without a colour word. For training an autoencoder that must reconstruct colours no caption
+# names (the demo's VAE), as Stable Diffusion's VAE is trained on a broad corpus, not on the fine-tuning data.
+ANY_COLOR = "any"
 SHAPES = ("circle", "square", "triangle", "cross")
 BACKGROUNDS = {"white": (250, 250, 250), "light gray": (205, 205, 205), "beige": (235, 220, 190)}
+
+
+def _random_hue(rng: np.random.Generator) -> tuple[int, int, int]:
+    rgb = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.5, 0.9), rng.uniform(0.6, 0.95))
+    return tuple(round(255 * c) for c in rgb)
 
 
 def draw_shape(size: int, color: str, shape: str, background: str, rng: np.random.Generator) -> Image.Image:
@@ -38,7 +48,8 @@ def draw_shape(size: int, color: str, shape: str, background: str, rng: np.rando
     canvas = ImageDraw.Draw(image)
     extent = rng.uniform(0.35, 0.6) * size  # the shape's bounding-box side
     cx, cy = (rng.uniform(extent / 2 + 1, size - extent / 2 - 1) for _ in range(2))
-    half, fill = extent / 2, PALETTE[color]
+    half = extent / 2
+    fill = _random_hue(rng) if color == ANY_COLOR else PALETTE[color]
     if shape == "circle":
         canvas.ellipse((cx - half, cy - half, cx + half, cy + half), fill=fill)
     elif shape == "square":
@@ -63,7 +74,8 @@ def _write_split(folder: Path, items: list[tuple[str, str, str]], size: int, rng
     for number, (color, shape, background) in enumerate(items):
         name = f"{number:05d}.png"
         draw_shape(size, color, shape, background, rng).save(folder / name)
-        record = {"file_name": name, "text": f"a {color} {shape} on a {background} background",
+        words = shape if color == ANY_COLOR else f"{color} {shape}"
+        record = {"file_name": name, "text": f"a {words} on a {background} background",
                   "color": color, "shape": shape, "background": background}  # fmt: skip
         lines.append(json.dumps(record))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
@@ -73,13 +85,14 @@ def make_shapes_dataset(out_dir: str | Path, n: int = 1000, size: int = 64, seed
                         validation_fraction: float = 0.1, colors=None, shapes=None) -> Path:  # fmt: skip
     """Write `out_dir/train` and `out_dir/validation` image folders of `n` images in all; returns `out_dir`.
 
-    `colors` may name any colour of COLORS or NEW_COLORS (default: COLORS only), `shapes` any of SHAPES.
+    `colors` may name any colour of COLORS or NEW_COLORS (default: COLORS only) or be `["any"]` (random RGB
+    colours, no colour word in the captions); `shapes` any of SHAPES.
     """
     out_dir = check_new_folder(out_dir)
     colors, shapes = list(colors or COLORS), list(shapes or SHAPES)
-    unknown = sorted(set(colors) - set(PALETTE)) + sorted(set(shapes) - set(SHAPES))
+    unknown = sorted(set(colors) - {*PALETTE, ANY_COLOR}) + sorted(set(shapes) - set(SHAPES))
     if unknown:
-        raise ValueError(f"Unknown colors/shapes {unknown}; colors: {list(PALETTE)}, shapes: {list(SHAPES)}.")
+        raise ValueError(f"Unknown colors/shapes {unknown}; colors: {[*PALETTE, ANY_COLOR]}, shapes: {list(SHAPES)}.")
     if n < 2 or size < 16:
         raise ValueError(f"`n` must be >= 2 and `size` >= 16, got n={n}, size={size}.")
     rng = np.random.default_rng(seed)
