@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors.torch import load_file
 
@@ -18,6 +19,9 @@ def test_vae_stage_learns_and_exports_a_usable_model(make_config, shapes_dir):
                          "validation.validation_steps=30", "vae.validation_images=4")  # fmt: skip
     trainer = make_trainer(config)
     assert isinstance(trainer, VAETrainer)
+    with torch.no_grad():  # from scratch, the posterior starts near-deterministic (see sharpen_posterior)
+        posterior = trainer.saved_module(trainer.model).encode(torch.rand(2, 3, 32, 32) * 2 - 1).latent_dist
+    assert posterior.std.max() < 1e-3
     trainer.metrics.path.parent.mkdir(parents=True, exist_ok=True)
     before = trainer.evaluate()
     summary = trainer.train()
