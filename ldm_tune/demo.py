@@ -39,7 +39,7 @@ class DemoSettings:
     replay_images: int = 1000
     size: int = 32
     vae_steps: int = 600
-    unet_steps: int = 2400
+    unet_steps: int = 1800
     finetune_steps: int = 300
     batch_size: int = 32
     eval_images_per_prompt: int = 4
