@@ -226,3 +226,24 @@ def sharpen_posterior(vae: AutoencoderKL, log_variance: float = -20.0) -> Autoen
         vae.quant_conv.weight[half:].zero_()
         vae.quant_conv.bias[half:].fill_(log_variance)
     return vae
+
+
+def select_trainable(model: torch.nn.Module, patterns: list[str]) -> int:
+    """Freeze every parameter whose name contains none of `patterns`; returns the number of trainable values.
+
+    E.g. `["attn2."]` trains only the UNet's cross-attention, the layers that read the text: Custom Diffusion
+    (Kumari et al. 2023, arXiv 2212.04488) fine-tunes new concepts there (its K/V), which forgets far less of what
+    the model knew than training every weight.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    chosen = {name for name in names if any(pattern in name for pattern in patterns)}
+    if not chosen:
+        raise ValueError(
+            f"`training.trainable_modules` {patterns} matches no parameter of the {type(model).__name__}; names "
+            f"look like {names[:2] + names[len(names) // 2 : len(names) // 2 + 2]}."
+        )
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in chosen)
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("Training %d of %d parameters (%s).", count, sum(p.numel() for p in model.parameters()), patterns)
+    return count

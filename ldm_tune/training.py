@@ -26,7 +26,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ldm_tune.checkpointing import CheckpointManager, write_model_card
-from ldm_tune.components import freeze, load_components, save_model_folder, vae_space_to_latents
+from ldm_tune.components import freeze, load_components, save_model_folder, select_trainable, vae_space_to_latents
 from ldm_tune.config import TrainConfig, save_config, to_dict
 from ldm_tune.data.loaders import build_loaders
 from ldm_tune.data.streaming import MainProcessStream
@@ -422,27 +422,6 @@ class Trainer(ValidationMixin):
         base.scheduler_config = self.scheduler_config  # the trained prediction type travels with the model
         save_model_folder(base, self.output_dir / "pipeline", replace=True)
         return {}
-
-
-def select_trainable(model: torch.nn.Module, patterns: list[str]) -> int:
-    """Freeze every parameter whose name contains none of `patterns`; returns the number of trainable values.
-
-    E.g. `["attn2."]` trains only the UNet's cross-attention, the layers that read the text: Custom Diffusion
-    (Kumari et al. 2023, arXiv 2212.04488) fine-tunes new concepts there (its K/V), which forgets far less of what
-    the model knew than training every weight.
-    """
-    names = [name for name, _ in model.named_parameters()]
-    chosen = {name for name in names if any(pattern in name for pattern in patterns)}
-    if not chosen:
-        raise ValueError(
-            f"`training.trainable_modules` {patterns} matches no parameter of the {type(model).__name__}; names "
-            f"look like {names[:2] + names[len(names) // 2 : len(names) // 2 + 2]}."
-        )
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name in chosen)
-    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("Training %d of %d parameters (%s).", count, sum(p.numel() for p in model.parameters()), patterns)
-    return count
 
 
 def _flat_scalars(tree: dict, prefix: str = "") -> dict:

@@ -17,11 +17,11 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from PIL import Image
 
-from ldm_tune.components import load_components, save_model_folder, sharpen_posterior
+from ldm_tune.components import load_components, save_model_folder, select_trainable, sharpen_posterior
 from ldm_tune.data.dataset import collate
 from ldm_tune.io_utils import save_atomically
 from ldm_tune.losses import draw
-from ldm_tune.training import Trainer, select_trainable
+from ldm_tune.training import Trainer
 
 
 class _AutoencoderWithLoss(torch.nn.Module):
