@@ -111,7 +111,7 @@ def _add_make_dataset(sub) -> None:
     parser.add_argument("--seed", type=int, default=0, help="Seed (the dataset is deterministic for a seed).")
     parser.add_argument("--validation-fraction", type=float, default=0.1, help="Held-out fraction.")
     parser.add_argument("--colors", nargs="+", help="Colours to draw (default: the six base colours; cyan is the "
-                        "new-concept colour; `any`: random RGB colours, captions without a colour word).")  # fmt: skip
+                        "new-concept colour; `any`: a random hue per image, no colour word in captions).")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

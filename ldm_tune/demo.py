@@ -48,8 +48,8 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(images=48, new_concept_images=12, new_concept_copies=2, replay_images=12, vae_steps=4, unet_steps=4, finetune_steps=2,
-                   batch_size=8, eval_images_per_prompt=1, eval_steps=3)  # fmt: skip
+        return cls(images=48, new_concept_images=12, new_concept_copies=2, replay_images=12, vae_steps=4,
+                   unet_steps=4, finetune_steps=2, batch_size=8, eval_images_per_prompt=1, eval_steps=3)  # fmt: skip
 
 
 def caption_words() -> list[str]:
@@ -146,8 +146,8 @@ def train_stages(out: Path, data: dict[str, Path], s: DemoSettings) -> dict[str,
     ]
     summaries = {}
     summaries["vae"] = _stage(out / "vae", [
-        *common, f"data.train_data_dir={data['vae'] / 'train'}", f"data.validation_data_dir={data['base'] / 'validation'}",
-        "stage=vae", f"model.pretrained_model_name_or_path={model}", "vae.from_scratch=true",
+        *common, f"data.train_data_dir={data['vae'] / 'train'}",
+        f"data.validation_data_dir={data['base'] / 'validation'}", "stage=vae", f"model.pretrained_model_name_or_path={model}", "vae.from_scratch=true",
         f"training.max_train_steps={s.vae_steps}", "training.learning_rate=2e-3", "training.lr_scheduler=cosine",
         "training.lr_warmup_steps=20", f"checkpointing.checkpointing_steps={max(1, s.vae_steps // 2)}",
         f"validation.validation_steps={max(1, s.vae_steps // 2)}",
@@ -168,8 +168,9 @@ def train_stages(out: Path, data: dict[str, Path], s: DemoSettings) -> dict[str,
     summaries["finetune"] = _stage(out / "finetune", [
         *unet, f"data.train_data_dir={data['finetune'] / 'train'}", f"data.validation_data_dir={data['new'] / 'validation'}",
         f"model.pretrained_model_name_or_path={out / 'unet' / 'pipeline'}", f"training.max_train_steps={s.finetune_steps}",
-        # Cross-attention only (Custom Diffusion, arXiv 2212.04488): training every weight taught cyan but turned red
-        # shapes green (old-concept joint accuracy 97.9 % -> 43.8-67.7 %); attn2 alone kept it at 91.7 %.
+        # Cross-attention only (Custom Diffusion, arXiv 2212.04488): in our trials (with a six-colour VAE) training
+        # every weight taught cyan but turned red shapes green (old-concept joint 97.9 % -> 43.8-67.7 %); attn2 alone
+        # kept 91.7 %.
         "training.trainable_modules=[attn2.]", "training.learning_rate=5e-4", "training.lr_warmup_steps=10",
         f"checkpointing.checkpointing_steps={max(1, s.finetune_steps // 2)}",
         f"validation.validation_steps={max(1, s.finetune_steps // 2)}",

@@ -85,8 +85,8 @@ def make_shapes_dataset(out_dir: str | Path, n: int = 1000, size: int = 64, seed
                         validation_fraction: float = 0.1, colors=None, shapes=None) -> Path:  # fmt: skip
     """Write `out_dir/train` and `out_dir/validation` image folders of `n` images in all; returns `out_dir`.
 
-    `colors` may name any colour of COLORS or NEW_COLORS (default: COLORS only) or be `["any"]` (random RGB
-    colours, no colour word in the captions); `shapes` any of SHAPES.
+    `colors` may name any colour of COLORS or NEW_COLORS (default: COLORS only) or be `["any"]` (a random hue per
+    image, no colour word in the captions); `shapes` any of SHAPES.
     """
     out_dir = check_new_folder(out_dir)
     colors, shapes = list(colors or COLORS), list(shapes or SHAPES)
