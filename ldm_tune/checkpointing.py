@@ -98,21 +98,33 @@ class CheckpointManager:
 def write_model_card(path: Path, config: dict, summary: dict) -> None:
     """A README.md for the output folder: base model, data, steps, final losses and how to load it."""
     model, data, training = config["model"], config["data"], config["training"]
-    data_source = data.get("train_data_dir") or data.get("dataset_name")
+    data_source = data.get("train_data_dir") or data.get("dataset_name") or config["dreambooth"]["instance_data_dir"]
+    lora = training["finetune_method"] == "lora"
+    base = model["pretrained_model_name_or_path"]
+    if lora:
+        what = f"LoRA rank {training['lora_rank']}, alpha {training['lora_alpha'] or training['lora_rank']}"
+        what += " on the UNet and the text encoder" if training["train_text_encoder_lora"] else " on the UNet"
+        use = [f'pipe = LDMInference.from_pretrained("{base}", lora=["{path.parent}"])']
+        loads = ("`pytorch_lora_weights.safetensors` also loads with `StableDiffusionPipeline.load_lora_weights`; "
+                 "`lora_kohya.safetensors` is the same LoRA for ComfyUI and AUTOMATIC1111.")  # fmt: skip
+    else:
+        what = "UNet fine-tune; VAE and text encoder frozen"
+        use = [f'pipe = LDMInference.from_pretrained("{path.parent / "pipeline"}")']
+        loads = "`pipeline/` also loads in `diffusers.StableDiffusionPipeline.from_pretrained`."
     lines = [
         "---",
         "library_name: diffusers",
-        "tags: [stable-diffusion, text-to-image, ldm_tune]",
-        f"base_model: {model['pretrained_model_name_or_path']}",
+        f"tags: [stable-diffusion, text-to-image, ldm_tune{', lora' if lora else ''}]",
+        f"base_model: {base}",
         "---",
         "",
-        f"# Fine-tuned from {model['pretrained_model_name_or_path']}",
+        f"# Fine-tuned from {base}",
         "",
-        "Trained with [ldm_tune](https://github.com/) (UNet fine-tune; VAE and text encoder frozen).",
+        f"Trained with [ldm_tune](https://github.com/) ({what}).",
         "",
         "| | |",
         "|---|---|",
-        f"| base model | `{model['pretrained_model_name_or_path']}` |",
+        f"| base model | `{base}` |",
         f"| data | `{data_source}` ({summary.get('train_items')} items, {data['resolution']} px) |",
         f"| updates | {summary.get('global_step')} (batch {training['train_batch_size']} x accumulation "
         f"{training['gradient_accumulation_steps']} x {summary.get('num_processes', 1)} processes) |",
@@ -128,11 +140,11 @@ def write_model_card(path: Path, config: dict, summary: dict) -> None:
         "```python",
         "from ldm_tune import LDMInference",
         "",
-        f'pipe = LDMInference.from_pretrained("{path.parent / "pipeline"}")',
+        *use,
         'images = pipe.generate("a prompt", seed=0)',
         "```",
         "",
-        "`pipeline/` also loads in `diffusers.StableDiffusionPipeline.from_pretrained`. The resolved training",
+        f"{loads} The resolved training",
         "configuration is in `config.yaml`, the metrics in `metrics.jsonl`.",
     ]
     path.write_text("\n".join(lines) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 import torch
@@ -13,6 +14,8 @@ from ldm_tune.evaluation import add_evaluate_parser, run_evaluate
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# A LoRA path may itself contain ':' (or be a Windows path): only a final ':<decimal number>' is a scale.
+_LORA_SCALE = re.compile(r"^(?P<path>.+):(?P<scale>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")
 
 
 def _key_value(text: str) -> tuple[str, object]:
@@ -20,6 +23,11 @@ def _key_value(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
     return key.strip(), yaml.safe_load(value)  # YAML typing: true -> bool, 0.5 -> float, karras -> str
+
+
+def _lora_arg(text: str) -> tuple[str, float]:
+    match = _LORA_SCALE.match(text)
+    return (match["path"], float(match["scale"])) if match else (text, 1.0)
 
 
 def _add_init_model(sub) -> None:
@@ -40,6 +48,15 @@ def _add_generate(sub) -> None:
     parser.add_argument("--model", required=True, help="Stable-Diffusion-format folder or hub id.")
     parser.add_argument(
         "--checkpoint", help="Training checkpoint or output folder whose unet/ replaces the base UNet."
+    )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        type=_lora_arg,
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="LoRA .safetensors file (diffusers or kohya format) or training output folder, with an optional "
+        "scale (default 1; 0 turns it off); repeat the flag for several.",
     )
     parser.add_argument("--prompt", required=True, action="append", help="Prompt; repeat the flag for several.")
     parser.add_argument(
@@ -157,6 +174,7 @@ def _run_generate(args) -> None:
         torch_dtype=DTYPES.get(args.dtype),
         revision=args.revision,
         variant=args.variant,
+        lora=args.lora,
     )
     if args.scheduler_arg:
         pipe.set_scheduler(args.scheduler, **dict(args.scheduler_arg))
@@ -206,7 +224,7 @@ def _run_inspect_data(args) -> None:
     if d.train_shards is not None or d.streaming:
         _inspect_stream(config, tokenizer)
         return
-    data = prepare_data(d, tokenizer, config.seed)  # raises (exit 2) past max_bad_fraction
+    data = prepare_data(d, tokenizer, config.seed, dreambooth=config.dreambooth)  # exit 2 past max_bad_fraction
     print(data.report.format("training data"))
     if data.validation_report is not None:
         print(data.validation_report.format("validation data"))

@@ -1,7 +1,8 @@
 """Training configuration: dataclasses loaded from YAML, with dotted `key=value` overrides from the command line.
 
 Leaf names follow diffusers' `train_text_to_image.py` (`pretrained_model_name_or_path`, `train_batch_size`, ...),
-grouped into sections: `model`, `data`, `training`, `checkpointing`, `validation`, `logging`, plus the top-level
+grouped into sections: `model`, `data`, `training`, `checkpointing`, `validation`, `dreambooth`, `vae`, `logging`,
+plus the top-level
 `output_dir` and `seed`. Unknown keys, wrong types and impossible values raise a `ValueError` before any model
 loads. `ldm-tune train --help-config` prints every key with its default and meaning.
 """
@@ -50,6 +51,7 @@ class DataConfig:
     validation_data_dir: str | None = _f(None, "A separate image folder for validation loss.")
     validation_dataset_split: str | None = _f(None, "A split of `dataset_name` for validation loss, e.g. validation.")
     max_train_samples: int | None = _f(None, "Use only the first N training items (debugging, quick runs).")
+    repeats: int = _f(1, "Each training item is seen this many times per epoch (kohya's num_repeats), no copies.")
     resolution: int = _f(512, "Training image size in pixels (multiple of 8).")
     center_crop: bool = _f(False, "Center crop after resizing; random crop when false.")
     random_flip: bool = _f(False, "Flip images horizontally with probability 0.5.")
@@ -99,6 +101,20 @@ class TrainingConfig:
     trainable_modules: list[str] | None = _f(
         None, "Train only parameters whose name contains one of these (e.g. [attn2.]: cross-attention); null: all."
     )
+    finetune_method: str = _f("full", "full: train the UNet's own weights; lora: train LoRA adapters (peft) only.")
+    lora_rank: int = _f(4, "LoRA rank r (finetune_method: lora).")
+    lora_alpha: float | None = _f(None, "LoRA alpha; the update is scaled by alpha / rank. null: = lora_rank.")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA branch's input.")
+    lora_target_modules: list[str] = _f(
+        ["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get adapters (default: the attention projections)."
+    )
+    use_dora: bool = _f(False, "DoRA: weight-decomposed LoRA (arXiv 2402.09353).")
+    init_lora_weights: str = _f("gaussian", "gaussian or default (kaiming A); B starts at zero either way.")
+    train_text_encoder_lora: bool = _f(False, "Also train LoRA adapters on the text encoder (no text cache then).")
+    text_encoder_lora_target_modules: list[str] = _f(
+        ["q_proj", "k_proj", "v_proj", "out_proj"], "Text-encoder modules that get adapters."
+    )
+    text_encoder_lr: float | None = _f(None, "Learning rate of the text-encoder adapters; null: learning_rate.")
     allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere+ GPUs.")
     use_ema: bool = _f(False, "Keep an exponential moving average of the UNet weights (exported at the end).")
     ema_decay: float = _f(0.9999, "Maximum EMA decay.")
@@ -126,6 +142,25 @@ class ValidationConfig:
     num_validation_images: int = _f(1, "Images per validation prompt.")
     validation_seed: int = _f(0, "Seed of validation images and of the fixed validation-loss noise.")
     validation_batch_size: int | None = _f(None, "Batch size of the validation loss (default: train_batch_size).")
+
+
+@dataclass
+class DreamBoothConfig:
+    instance_data_dir: str | None = _f(None, "Images of the subject to teach, added to (or instead of) `data`.")
+    instance_prompt: str | None = _f(None, "Caption of every instance image, e.g. 'a photo of sks dog'; null: "
+                                           "the folder's own captions.")  # fmt: skip
+    instance_repeats: int = _f(1, "Each instance image is seen this many times per epoch (kohya's num_repeats).")
+    with_prior_preservation: bool = _f(False, "Train on class images too, weighted by prior_loss_weight.")
+    class_data_dir: str | None = _f(None, "Class images; missing ones are generated from the base model here.")
+    class_prompt: str | None = _f(None, "Prompt of the generated class images and their caption; null: the "
+                                        "folder's own captions (nothing can be generated then).")  # fmt: skip
+    num_class_images: int = _f(100, "Class images to train on; fewer in class_data_dir are topped up.")
+    class_repeats: int = _f(1, "Each class image is seen this many times per epoch.")
+    prior_loss_weight: float = _f(1.0, "Loss weight of class items against instance items (arXiv 2208.12242).")
+    sample_batch_size: int = _f(4, "Batch size when generating class images.")
+    class_inference_steps: int = _f(30, "Sampling steps of generated class images.")
+    class_guidance_scale: float = _f(7.5, "Guidance scale of generated class images.")
+    class_scheduler: str = _f("dpm++", "Sampler of generated class images (see `ldm-tune schedulers`).")
 
 
 @dataclass
@@ -160,6 +195,7 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -169,6 +205,9 @@ CHOICES = {
     "vae.reconstruction_loss": ("mse", "l1"),
     "model.prediction_type": (None, "epsilon", "v_prediction"),
     "training.mixed_precision": ("no", "fp16", "bf16"),
+    "training.finetune_method": ("full", "lora"),
+    # pissa, olora, corda and loftq initialisations rewrite the base weights: not offered.
+    "training.init_lora_weights": ("gaussian", "default"),
     "training.lr_scheduler": (
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
     ),
@@ -278,8 +317,10 @@ def validate(config: TrainConfig) -> None:
             raise ValueError(f"`{key}` must be one of {list(allowed)}, got {value!r}.")
     if not config.model.pretrained_model_name_or_path:
         raise ValueError("`model.pretrained_model_name_or_path` is required (a model folder or hub id).")
-    _validate_sources(config.data, config.training)
+    _validate_sources(config.data, config.training, config.dreambooth)
     _validate_ranges(config)
+    _validate_method(config)
+    _validate_dreambooth(config)
     if config.stage == "vae" and (config.data.cache_latents or config.data.cache_text_embeddings):
         raise ValueError("`stage: vae` trains the VAE itself: turn `data.cache_latents` and the text cache off.")
     if config.training.mixed_precision == "fp16":
@@ -295,13 +336,13 @@ def validate(config: TrainConfig) -> None:
     canonical_name(config.validation.validation_scheduler)  # raises with the list of valid names
 
 
-def _validate_sources(d: DataConfig, t: TrainingConfig) -> None:
+def _validate_sources(d: DataConfig, t: TrainingConfig, db: DreamBoothConfig) -> None:
     keys = ("train_data_dir", "train_data_file", "dataset_name", "train_shards")
     sources = [k for k in keys if getattr(d, k) is not None]
-    if len(sources) != 1:
+    if len(sources) > 1 or (not sources and db.instance_data_dir is None):
         raise ValueError(
             "Set exactly one of `data.train_data_dir`, `data.train_data_file`, `data.dataset_name` and "
-            f"`data.train_shards`, got {sources}."
+            f"`data.train_shards` (or only `dreambooth.instance_data_dir`), got {sources}."
         )
     if d.streaming and d.dataset_name is None:
         raise ValueError("`data.streaming` applies to `data.dataset_name`; tar shards are always streamed.")
@@ -332,6 +373,69 @@ def _validate_sources(d: DataConfig, t: TrainingConfig) -> None:
         raise ValueError("`data.validation_dataset_split` needs `data.dataset_name`.")
 
 
+def _validate_method(config: TrainConfig) -> None:
+    t, d = config.training, config.data
+    if t.finetune_method == "full":
+        if t.train_text_encoder_lora:
+            raise ValueError("`training.train_text_encoder_lora` needs `training.finetune_method: lora`.")
+        return
+    if config.stage != "unet":
+        raise ValueError(f"`training.finetune_method` lora applies to `stage: unet`, got stage {config.stage!r}.")
+    if t.trainable_modules is not None:
+        raise ValueError(
+            "`training.trainable_modules` chooses weights of a full fine-tune; with `finetune_method: lora` use "
+            f"`training.lora_target_modules`, got trainable_modules={t.trainable_modules}."
+        )
+    if t.lora_rank < 1:
+        raise ValueError(f"`training.lora_rank` must be >= 1, got {t.lora_rank}.")
+    if t.lora_alpha is not None and t.lora_alpha <= 0:
+        raise ValueError(f"`training.lora_alpha` must be > 0 (or null for lora_rank), got {t.lora_alpha}.")
+    if not 0.0 <= t.lora_dropout < 1.0:
+        raise ValueError(f"`training.lora_dropout` must be in [0, 1), got {t.lora_dropout}.")
+    for key in ("lora_target_modules", "text_encoder_lora_target_modules"):
+        if not getattr(t, key):
+            raise ValueError(f"`training.{key}` must name at least one module, got {getattr(t, key)}.")
+    if t.text_encoder_lr is not None and t.text_encoder_lr < 0:
+        raise ValueError(f"`training.text_encoder_lr` must be >= 0, got {t.text_encoder_lr}.")
+    if t.train_text_encoder_lora and d.cache_text_embeddings:
+        raise ValueError(
+            "`data.cache_text_embeddings` stores text-encoder outputs, but `training.train_text_encoder_lora` trains "
+            "the text encoder, so they change at every step: turn one of them off."
+        )
+
+
+def _validate_dreambooth(config: TrainConfig) -> None:
+    db, d = config.dreambooth, config.data
+    if db.instance_data_dir is None:
+        set_keys = [k for k in ("instance_prompt", "class_data_dir", "class_prompt") if getattr(db, k) is not None]
+        if set_keys or db.with_prior_preservation:
+            raise ValueError(
+                f"`dreambooth.instance_data_dir` is needed for {set_keys or ['with_prior_preservation']}."
+            )
+        return
+    if config.stage != "unet":
+        raise ValueError(f"`dreambooth` applies to `stage: unet`, got stage {config.stage!r}.")
+    if d.streaming or d.train_shards is not None:
+        raise ValueError("`dreambooth.instance_data_dir` cannot be mixed with a streamed `data` source.")
+    if d.validation_split > 0 and not any((d.train_data_dir, d.train_data_file, d.dataset_name)):
+        raise ValueError(
+            f"`data.validation_split` {d.validation_split} holds out items of the `data` source, and there is none "
+            "(only `dreambooth.instance_data_dir`): set `data.validation_data_dir` instead."
+        )
+    if db.with_prior_preservation and db.class_data_dir is None:
+        raise ValueError("`dreambooth.with_prior_preservation` needs `dreambooth.class_data_dir` (and class_prompt).")
+    if not db.with_prior_preservation and (db.class_data_dir is not None or db.class_prompt is not None):
+        raise ValueError("`dreambooth.class_data_dir`/`class_prompt` are used only with `with_prior_preservation`.")
+    for key in ("instance_repeats", "class_repeats", "num_class_images", "sample_batch_size", "class_inference_steps"):
+        if getattr(db, key) < 1:
+            raise ValueError(f"`dreambooth.{key}` must be >= 1, got {getattr(db, key)}.")
+    if db.prior_loss_weight < 0:
+        raise ValueError(f"`dreambooth.prior_loss_weight` must be >= 0, got {db.prior_loss_weight}.")
+    from ldm_tune.schedulers import canonical_name
+
+    canonical_name(db.class_scheduler)
+
+
 def _validate_ranges(config: TrainConfig) -> None:
     d, t, c, v = config.data, config.training, config.checkpointing, config.validation
     if d.resolution <= 0 or d.resolution % 8:
@@ -355,6 +459,7 @@ def _validate_ranges(config: TrainConfig) -> None:
         "logging.logging_steps": config.logging.logging_steps,
         "data.cache_batch_size": d.cache_batch_size,
         "data.download_workers": d.download_workers,
+        "data.repeats": d.repeats,
     }
     for key, value in positive.items():
         if value is not None and value < 1:

@@ -185,13 +185,14 @@ def evaluate(
     checkpoint=None,
     device: str = "cpu",
     batch_size: int = 32,
+    lora: list | None = None,
 ) -> dict:
     """Sample `model_dir` at every guidance scale from the same seeds and score the images with `classify`.
 
     Prompt `i` is generated with seed `seed + i`, so its starting noise is the same at every guidance scale and
     does not depend on which other prompts are evaluated. Prompts are sampled together, about `batch_size` images
-    per call (one call per prompt when `images_per_prompt` exceeds it). Returns one row of accuracies per guidance
-    scale.
+    per call (one call per prompt when `images_per_prompt` exceeds it). `lora`: LoRAs to load on the model, as
+    `LDMInference.from_pretrained` takes them. Returns one row of accuracies per guidance scale.
     """
     import torch
 
@@ -202,7 +203,8 @@ def evaluate(
     if not prompts or not guidance_scales or images_per_prompt < 1 or batch_size < 1:
         raise ValueError("`prompts` and `guidance_scales` must not be empty; `images_per_prompt` and `batch_size` "
                          f"must be >= 1, got {images_per_prompt} and {batch_size}.")  # fmt: skip
-    pipe = LDMInference.from_pretrained(model_dir, checkpoint=checkpoint, scheduler=scheduler, device=device)
+    pipe = LDMInference.from_pretrained(model_dir, checkpoint=checkpoint, scheduler=scheduler, device=device,
+                                        lora=lora)  # fmt: skip
     chunk = max(1, batch_size // images_per_prompt)  # prompts per sampling call
     rows = []
     for guidance in guidance_scales:
@@ -227,6 +229,7 @@ def evaluate(
         "rows": rows,
         "model": str(model_dir),
         "checkpoint": None if checkpoint is None else str(checkpoint),
+        "lora": [{"path": lo.path, "scale": lo.scale, "sha256": lo.sha256} for lo in pipe.loras],
         "scheduler": scheduler,
         "steps": steps,
         "images_per_prompt": images_per_prompt,

@@ -22,14 +22,15 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ldm_tune.checkpointing import CheckpointManager, write_model_card
-from ldm_tune.components import freeze, load_components, save_model_folder, select_trainable, vae_space_to_latents
+from ldm_tune.components import freeze, load_components, save_model_folder, vae_space_to_latents
 from ldm_tune.config import TrainConfig, save_config, to_dict
+from ldm_tune.data.dataset import STREAM_MODEL, item_seed
 from ldm_tune.data.loaders import build_loaders
 from ldm_tune.data.streaming import MainProcessStream
+from ldm_tune.finetune import LORA_WEIGHT_NAME, make_method
 from ldm_tune.io_utils import save_atomically
 from ldm_tune.losses import denoising_loss, draw
 from ldm_tune.tracking import MetricsLogger, make_accelerator_trackers
@@ -117,7 +118,8 @@ class Trainer(ValidationMixin):
         resume = self.checkpoints.resolve(self.config.checkpointing.resume_from_checkpoint)
         if self.config.checkpointing.resume_from_checkpoint is None:
             existing = [p.name for p in (self.output_dir.glob("checkpoint-*") if self.output_dir.is_dir() else [])]
-            existing += [name for name in (self.model_folder, "pipeline") if (self.output_dir / name).exists()]
+            exported = (self.model_folder, "pipeline", LORA_WEIGHT_NAME)
+            existing += [name for name in exported if (self.output_dir / name).exists()]
             if existing:
                 raise ValueError(
                     f"`output_dir` {str(self.output_dir)!r} already holds a run ({sorted(existing)[:3]}); set "
@@ -132,24 +134,26 @@ class Trainer(ValidationMixin):
         components = load_components(m.pretrained_model_name_or_path, revision=m.revision, variant=m.variant)
         self.tokenizer = components.tokenizer
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
+        if self.config.dreambooth.with_prior_preservation:  # from the base model, before anything trains
+            from ldm_tune.dreambooth import ensure_class_images
+
+            ensure_class_images(self.config, self.accelerator, components, self.weight_dtype)
         # Frozen parts: no gradients, eval mode, half precision when mixed precision is on (they only run forward).
         freeze(components.vae, components.text_encoder)
         self.vae = components.vae.to(self.accelerator.device, dtype=self.weight_dtype)
         self.text_encoder = components.text_encoder.to(self.accelerator.device, dtype=self.weight_dtype)
         self.model = components.unet
-        self.model.train()
-        if t.trainable_modules is not None:
-            select_trainable(self.model, t.trainable_modules)
+        # What trains (the UNet's weights, or LoRA adapters) is decided by the method, see ldm_tune.finetune.
+        self.method = make_method(self)
+        self.trained_models = self.method.setup()
         if t.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         # The training noise schedule is the model's own, with the chosen parameterisation.
         self.prediction_type = m.prediction_type or components.scheduler_config.get("prediction_type", "epsilon")
         self.scheduler_config = {**components.scheduler_config, "prediction_type": self.prediction_type}
         self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
-        self.ema = None
-        if t.use_ema:
-            self.ema = EMAModel(self.model.parameters(), decay=t.ema_decay, model_cls=self.model_cls,
-                                model_config=self.model.config)  # fmt: skip
+        self.ema = self.method.make_ema() if t.use_ema else None
+        if self.ema is not None:
             self.ema.to(self.accelerator.device)
 
     def _build_data(self) -> None:
@@ -169,20 +173,23 @@ class Trainer(ValidationMixin):
 
     def _build_optimization(self) -> None:
         t, acc = self.config.training, self.accelerator
-        lr = t.learning_rate
-        if t.scale_lr:
-            lr *= t.train_batch_size * t.gradient_accumulation_steps * acc.num_processes
-        kwargs = {"lr": lr, "betas": (t.adam_beta1, t.adam_beta2), "weight_decay": t.adam_weight_decay,
-                  "eps": t.adam_epsilon}  # fmt: skip
+        scale = t.train_batch_size * t.gradient_accumulation_steps * acc.num_processes if t.scale_lr else 1
+        kwargs = {"betas": (t.adam_beta1, t.adam_beta2), "weight_decay": t.adam_weight_decay, "eps": t.adam_epsilon}
         # Fused AdamW (one kernel over all parameters) on CUDA and CPU: on CPU the foreach path loops per tensor and
         # costs ~3.5x the fused step (8.9 vs 2.5 ms for the demo UNet); the foreach path elsewhere (e.g. MPS).
         kwargs["fused" if acc.device.type in ("cuda", "cpu") else "foreach"] = True
-        optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], **kwargs)
+        optimizer = torch.optim.AdamW(self.method.param_groups(scale), **kwargs)
         self.streaming = isinstance(self.train_loader, MainProcessStream)
         if self.streaming:  # the stream shards its batches itself (see ldm_tune.data.streaming)
-            self.model, self.optimizer = acc.prepare(self.model, optimizer)
+            *models, self.optimizer = acc.prepare(*self.trained_models, optimizer)
         else:
-            self.model, self.optimizer, self.train_loader = acc.prepare(self.model, optimizer, self.train_loader)
+            *models, self.optimizer, self.train_loader = acc.prepare(
+                *self.trained_models, optimizer, self.train_loader
+            )
+        # The denoiser first, then the text encoder when it trains (its prepared, DDP-wrapped form computes the loss).
+        self.trained_models, self.model = models, models[0]
+        if len(models) > 1:
+            self.text_encoder = models[1]
         if self.val_loader is not None:
             self.val_loader = acc.prepare(self.val_loader)
         if not self.streaming:
@@ -194,28 +201,9 @@ class Trainer(ValidationMixin):
                                      num_training_steps=self.max_train_steps * acc.num_processes)  # fmt: skip
         self.lr_scheduler = acc.prepare(lr_scheduler)
         acc.register_for_checkpointing(self.state)
-        acc.register_save_state_pre_hook(self._save_model_hook)
-        acc.register_load_state_pre_hook(self._load_model_hook)
-
-    # The trained model goes into checkpoints in diffusers format (unet/, unet_ema/), so a checkpoint is also loadable
-    # for inference (`LDMInference.from_pretrained(model, checkpoint=...)`); the diffusers example does the same.
-    def _save_model_hook(self, models, weights, output_dir) -> None:
-        if self.accelerator.is_main_process:
-            for model in models:
-                self.saved_module(model).save_pretrained(Path(output_dir) / self.model_folder, safe_serialization=True)
-                weights.pop()
-            if self.ema is not None:
-                self.ema.save_pretrained(Path(output_dir) / f"{self.model_folder}_ema")
-
-    def _load_model_hook(self, models, input_dir) -> None:
-        while models:
-            model = self.saved_module(models.pop())
-            loaded = self.model_cls.from_pretrained(input_dir, subfolder=self.model_folder, use_safetensors=True)
-            model.load_state_dict(loaded.state_dict())
-        if self.ema is not None:
-            loaded = EMAModel.from_pretrained(Path(input_dir) / f"{self.model_folder}_ema", self.model_cls)
-            self.ema.load_state_dict(loaded.state_dict())
-            self.ema.to(self.accelerator.device)
+        # Checkpoints hold what the method trains (whole diffusers models, or the adapters alone).
+        acc.register_save_state_pre_hook(self.method.save_checkpoint)
+        acc.register_load_state_pre_hook(self.method.load_checkpoint)
 
     # ------------------------------------------------------------------------------------------------- loop
     def train(self) -> dict:
@@ -271,7 +259,7 @@ class Trainer(ValidationMixin):
             self.state.skipped_by_reason[reason] = self.state.skipped_by_reason.get(reason, 0) + 1
         if len(batch["keys"]) == 0:
             return False  # every item of the batch failed to load (files changed since the scan)
-        with acc.accumulate(self.model):
+        with acc.accumulate(*self.trained_models):
             loss = self.forward_backward(batch)
             finite = torch.isfinite(loss)
             self.window += torch.stack([torch.where(finite, loss, 0.0), torch.ones_like(loss), (~finite).float()])
@@ -282,20 +270,30 @@ class Trainer(ValidationMixin):
             grad_norm = None
             if nonfinite == 0:
                 if t.max_grad_norm > 0:
-                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
+                    params = [p for group in self.optimizer.param_groups for p in group["params"]]
+                    grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm)
                 self.optimizer.step()
             # A non-finite loss skips the update: its gradients are discarded here, on every process alike.
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         if nonfinite == 0 and self.ema is not None:
-            self.ema.step(self.model.parameters())
+            self.ema.step(self.method.ema_parameters())
         self.state.global_step += 1
         self._after_update(loss_sum / max(count - nonfinite, 1), nonfinite > 0, grad_norm)
         return True
 
     def forward_backward(self, batch: dict) -> torch.Tensor:
         """Loss of one micro-batch, back-propagated (Accelerate scales it for accumulation and mixed precision)."""
-        loss = self.compute_losses(batch, seed=self.config.seed).mean()
+        # Randomness inside the model (dropout, e.g. `lora_dropout`) is keyed by the micro-batch's position like
+        # every other draw: a resumed run draws the masks the uninterrupted run drew, whatever consumed the global
+        # generator in between (a new DataLoader iterator takes a seed from it).
+        acc, state = self.accelerator, self.state
+        position = state.batch_in_epoch * acc.num_processes + acc.process_index
+        torch.manual_seed(item_seed(self.config.seed, STREAM_MODEL, state.epoch, position))
+        # Per-item loss weights: 1, or `prior_loss_weight` for DreamBooth class items (see ldm_tune.dreambooth).
+        loss = (
+            self.compute_losses(batch, seed=self.config.seed) * batch["loss_weights"].to(self.accelerator.device)
+        ).mean()
         self.accelerator.backward(loss)
         return loss.detach()
 
@@ -312,10 +310,10 @@ class Trainer(ValidationMixin):
             draws = draw(batch["keys"].cpu(), tuple(mean.shape[1:]), steps, seed, t.noise_offset, t.input_perturbation)
             eps = draws.posterior_eps.to(mean.device, mean.dtype)
             latents = vae_space_to_latents(self.vae, mean + std * eps).float()
-            if "encoder_hidden_states" in batch:
-                encoder_hidden_states = batch["encoder_hidden_states"].to(self.weight_dtype)
-            else:
-                encoder_hidden_states = self.text_encoder(batch["input_ids"], return_dict=False)[0]
+        if "encoder_hidden_states" in batch:
+            encoder_hidden_states = batch["encoder_hidden_states"].to(self.weight_dtype)
+        else:  # outside no_grad: a text encoder with LoRA adapters trains (a frozen one records no graph)
+            encoder_hidden_states = self.text_encoder(batch["input_ids"], return_dict=False)[0]
         return denoising_loss(self.model, self.noise_scheduler, latents, encoder_hidden_states, draws,
                               self.prediction_type, t.snr_gamma, t.input_perturbation)  # fmt: skip
 
@@ -366,12 +364,23 @@ class Trainer(ValidationMixin):
 
     # ------------------------------------------------------------------------------------------ save, finish
     @contextlib.contextmanager
+    def _eval_mode(self):
+        """Evaluation mode (no dropout) for every trained model, then back to training mode."""
+        for model in self.trained_models:
+            model.eval()
+        try:
+            yield
+        finally:
+            for model in self.trained_models:
+                model.train()
+
+    @contextlib.contextmanager
     def _ema_weights(self):
         """Evaluate and export with the EMA weights when EMA is on, then restore the training weights."""
         if self.ema is None:
             yield
             return
-        params = list(self.model.parameters())
+        params = self.method.ema_parameters()
         self.ema.store(params)
         self.ema.copy_to(params)
         try:
@@ -381,11 +390,10 @@ class Trainer(ValidationMixin):
 
     def _save_model(self, folder: Path, info: dict) -> None:
         if self.accelerator.is_main_process:
-            model = self.saved_module(self.model)
 
             def write(tmp: Path) -> None:
                 with self._ema_weights():
-                    model.save_pretrained(tmp / self.model_folder, safe_serialization=True)
+                    self.method.save_weights(tmp)
                 (tmp / "info.json").write_text(json.dumps(info, indent=2))
 
             save_atomically(write, folder)
@@ -404,11 +412,11 @@ class Trainer(ValidationMixin):
         summary = {"stage": self.config.stage, "global_step": state.global_step, "train_items": self.train_items,
                    "final_train_loss": getattr(self, "last_train_loss", None), "best_val_loss": state.best_val_loss,
                    "best_val_step": state.best_val_step, "nonfinite_total": state.nonfinite_total,
-                   "prediction_type": self.prediction_type, "num_processes": acc.num_processes}  # fmt: skip
+                   "prediction_type": self.prediction_type, "num_processes": acc.num_processes,
+                   "finetune_method": self.config.training.finetune_method}  # fmt: skip
         if acc.is_main_process:
-            model = self.saved_module(self.model)
             with self._ema_weights():
-                summary.update(self.export(model))
+                summary.update(self.method.export())
             write_model_card(self.output_dir / "README.md", to_dict(self.config), summary)
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         acc.wait_for_everyone()

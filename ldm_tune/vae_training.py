@@ -13,12 +13,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from PIL import Image
 
-from ldm_tune.components import load_components, save_model_folder, select_trainable, sharpen_posterior
+from ldm_tune.components import load_components, save_model_folder, sharpen_posterior
 from ldm_tune.data.dataset import collate
+from ldm_tune.finetune import FullFineTune
 from ldm_tune.io_utils import save_atomically
 from ldm_tune.losses import draw
 from ldm_tune.training import Trainer
@@ -59,16 +59,16 @@ class VAETrainer(Trainer):
         if self.config.vae.from_scratch:
             torch.manual_seed(self.config.seed)
             vae = sharpen_posterior(AutoencoderKL.from_config(vae.config))
-        vae.train().requires_grad_(True)
-        if t.trainable_modules is not None:  # e.g. [decoder.]: SD's ft-MSE VAE fine-tuned only the decoder
-            select_trainable(vae, t.trainable_modules)
+        vae.requires_grad_(True)
         if t.gradient_checkpointing:
             vae.enable_gradient_checkpointing()
         self.vae = None  # nothing frozen to encode with: the VAE is what trains
         self.model = _AutoencoderWithLoss(vae)
-        self.ema = None
-        if t.use_ema:
-            self.ema = EMAModel(vae.parameters(), decay=t.ema_decay, model_cls=AutoencoderKL, model_config=vae.config)
+        # A full fine-tune of the VAE; `trainable_modules: [decoder.]` as SD's ft-MSE VAE (decoder only).
+        self.method = FullFineTune(self)
+        self.trained_models = self.method.setup()
+        self.ema = self.method.make_ema() if t.use_ema else None
+        if self.ema is not None:
             self.ema.to(self.accelerator.device)
 
     def _latent_shape(self, pixels: torch.Tensor) -> tuple:
@@ -90,14 +90,12 @@ class VAETrainer(Trainer):
         """Held-out mean squared error of deterministic reconstructions (posterior mean); PSNR is logged with it."""
         if self.val_loader is None:
             return None
-        self.model.eval()
         errors = []
-        with torch.no_grad(), self._ema_weights():
+        with torch.no_grad(), self._eval_mode(), self._ema_weights():
             for batch in self.val_loader:
                 recon = self.model(batch["pixel_values"])[0]
                 mse = F.mse_loss(recon.float(), batch["pixel_values"].float(), reduction="none").mean(dim=(1, 2, 3))
                 errors.append(self.accelerator.gather_for_metrics(mse))
-        self.model.train()
         errors = torch.cat(errors)
         self.last_val_psnr = psnr(errors).mean().item()
         self.metrics.log({"step": self.state.global_step, "val_psnr": self.last_val_psnr})
@@ -111,10 +109,8 @@ class VAETrainer(Trainer):
         """Originals (top row) over reconstructions (bottom row) in `samples/step-N/reconstructions.png`."""
         if self.accelerator.is_main_process:
             pixels = self._sample_batch(self.config.vae.validation_images)["pixel_values"].to(self.accelerator.device)
-            self.model.eval()
-            with torch.no_grad(), self._ema_weights():
+            with torch.no_grad(), self._eval_mode(), self._ema_weights():
                 recon = self.model(pixels)[0]
-            self.model.train()
             images = [_to_pil(x) for x in torch.cat([pixels, recon])]
             folder = self.output_dir / "samples" / f"step-{self.state.global_step}"
             folder.mkdir(parents=True, exist_ok=True)

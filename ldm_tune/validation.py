@@ -19,13 +19,11 @@ class ValidationMixin:
         """Validation loss with fixed noise and timesteps (keyed by the validation seed), comparable across steps."""
         if self.val_loader is None:
             return None
-        self.model.eval()
         losses = []
-        with torch.no_grad(), self._ema_weights():
+        with torch.no_grad(), self._eval_mode(), self._ema_weights():
             for batch in self.val_loader:
                 per_item = self.compute_losses(batch, seed=self.config.validation.validation_seed)
                 losses.append(self.accelerator.gather_for_metrics(per_item))
-        self.model.train()
         return torch.cat(losses).mean().item()
 
     def validate(self) -> None:
@@ -45,18 +43,18 @@ class ValidationMixin:
             self.accelerator.wait_for_everyone()
             return
         unet = self.accelerator.unwrap_model(self.model)
-        text_encoder = self.text_encoder or self._load_text_encoder()
+        text_encoder = (
+            self.accelerator.unwrap_model(self.text_encoder) if self.text_encoder else self._load_text_encoder()
+        )
         pipe = LDMInference(self.vae, text_encoder, self.tokenizer, unet, self.scheduler_config,
                             scheduler=v.validation_scheduler, model_name=self.config.model.pretrained_model_name_or_path,
                             checkpoint=f"step {self.state.global_step}")  # fmt: skip
-        unet.eval()
-        with self._ema_weights(), self.accelerator.autocast():
+        with self._eval_mode(), self._ema_weights(), self.accelerator.autocast():
             images = pipe.generate(v.validation_prompts, negative_prompt=v.validation_negative_prompt,
                                    num_inference_steps=v.validation_inference_steps,
                                    guidance_scale=v.validation_guidance_scale, num_images_per_prompt=v.num_validation_images,
                                    seed=v.validation_seed, output_path=self.output_dir / "samples" / f"step-{self.state.global_step}",
                                    save_grid=True, progress=False)  # fmt: skip
-        unet.train()
         log_images(self.accelerator, images, v.validation_prompts, v.num_validation_images, self.state.global_step)
         self.accelerator.wait_for_everyone()
 

@@ -78,3 +78,49 @@ def test_every_key_is_documented():
             line = next(line for line in text.splitlines() if line.strip().startswith(key + " ="))
             help_line = text.splitlines()[text.splitlines().index(line) + 1].strip()
             assert help_line, key
+
+
+LORA = [*BASE, "training.finetune_method=lora"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ([*BASE, "training.finetune_method=qlora"], r"`training.finetune_method` must be one of \['full', 'lora'\]"),
+        ([*LORA, "training.lora_rank=0"], "`training.lora_rank` must be >= 1, got 0."),
+        ([*LORA, "training.lora_alpha=-1"], "`training.lora_alpha` must be > 0"),
+        ([*LORA, "training.lora_dropout=1"], r"`training.lora_dropout` must be in \[0, 1\), got 1.0."),
+        ([*LORA, "training.init_lora_weights=pissa"], "`training.init_lora_weights` must be one of"),
+        ([*LORA, "training.lora_target_modules=[]"], "`training.lora_target_modules` must name at least one"),
+        ([*LORA, "stage=vae"], "lora applies to `stage: unet`"),
+        ([*LORA, "training.trainable_modules=[attn2.]"], "use `training.lora_target_modules`"),
+        ([*BASE, "training.train_text_encoder_lora=true"], "needs `training.finetune_method: lora`"),
+        (
+            [*LORA, "training.train_text_encoder_lora=true", "data.cache_text_embeddings=true"],
+            "`data.cache_text_embeddings` stores text-encoder outputs, but `training.train_text_encoder_lora`",
+        ),
+        ([*BASE, "dreambooth.instance_prompt=a sks dog"], r"`dreambooth.instance_data_dir` is needed for"),
+        (
+            [*BASE, "dreambooth.instance_data_dir=i", "dreambooth.with_prior_preservation=true"],
+            "`dreambooth.with_prior_preservation` needs `dreambooth.class_data_dir`",
+        ),
+        ([*BASE, "dreambooth.instance_data_dir=i", "dreambooth.class_prompt=a dog"], "used only with"),
+        ([*BASE, "dreambooth.instance_data_dir=i", "dreambooth.instance_repeats=0"], "instance_repeats` must be >= 1"),
+        ([*BASE, "data.repeats=0"], "`data.repeats` must be >= 1, got 0."),
+        (
+            ["model.pretrained_model_name_or_path=m", "data.train_shards=s.tar", "training.max_train_steps=1",
+             "dreambooth.instance_data_dir=i"],
+            "cannot be mixed with a streamed",
+        ),
+    ],
+)  # fmt: skip
+def test_lora_and_dreambooth_values_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides)
+
+
+def test_dreambooth_instance_data_alone_is_a_source():
+    config = load_config(None, ["model.pretrained_model_name_or_path=m", "dreambooth.instance_data_dir=i",
+                                "dreambooth.instance_prompt=a photo of sks dog", "training.finetune_method=lora"])  # fmt: skip
+    assert config.data.train_data_dir is None and config.dreambooth.instance_repeats == 1
+    assert config.training.lora_target_modules == ["to_q", "to_k", "to_v", "to_out.0"]

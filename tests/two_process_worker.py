@@ -18,8 +18,10 @@ def main() -> None:
         seen[epoch] = [int(i) for batch in trainer.train_loader for i in batch["keys"][:, 1]]
     trainer.sampler.start_epoch(0)
     summary = trainer.train()
+    trained = [p for group in trainer.optimizer.param_groups for p in group["params"]]
     result = {"seen": seen, "items": trainer.train_items, "processes": trainer.accelerator.num_processes,
-              "steps": summary["global_step"], "best_val_loss": summary["best_val_loss"]}  # fmt: skip
+              "steps": summary["global_step"], "best_val_loss": summary["best_val_loss"],
+              "trained_sum": sum(p.detach().double().sum().item() for p in trained)}  # fmt: skip
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 

@@ -16,7 +16,8 @@ from ldm_tune.data.transforms import preprocess
 
 
 # Independent random streams per purpose, so adding a draw to one never shifts another.
-STREAM_DATA, STREAM_NOISE = 1, 2
+STREAM_DATA, STREAM_NOISE, STREAM_MODEL = 1, 2, 3  # STREAM_MODEL: dropout inside the model (training.py)
+STREAM_CLASS_IMAGES = 4  # the initial noise of generated DreamBooth class images (ldm_tune.dreambooth)
 VALIDATION_EPOCH = -1  # validation items get fixed keys: the same noise and timesteps at every evaluation
 
 
@@ -35,6 +36,9 @@ class TextImageDataset(Dataset):
         sizes: the (width, height) each item is cropped to: its bucket, or resolution x resolution.
         latent_cache, text_cache: when given, items carry cached VAE posteriors / text embeddings instead of
             pixels / token ids.
+
+    Every item also carries its `loss_weight` (`ItemInfo.weight`: 1, or DreamBooth's `prior_loss_weight`). A
+    repeated item (`data.repeats`) is the same `ItemInfo` at several positions, so its random draws differ.
     """
 
     def __init__(self, source, items, sizes, tokenizer, center_crop: bool = False, random_flip: bool = False,
@@ -73,7 +77,8 @@ class TextImageDataset(Dataset):
         """The training item for a decoded `image` (also used by the streaming sources)."""
         caption, flip, rng = self.choices(epoch, position, item.captions)
         pixels = preprocess(image, size, self.center_crop, flip, rng, self.interpolation)
-        return self._with_text({"key": torch.tensor([epoch, position]), "pixel_values": pixels}, caption)
+        out = {"key": torch.tensor([epoch, position]), "loss_weight": item.weight, "pixel_values": pixels}
+        return self._with_text(out, caption)
 
     def __getitem__(self, key) -> dict:
         epoch, position = key
@@ -81,8 +86,9 @@ class TextImageDataset(Dataset):
         if self.latent_cache is not None:
             caption, flip, _ = self.choices(epoch, position, item.captions)
             mean, std = self.latent_cache.load(item.sha256, self.sizes[position], flip)
-            return self._with_text({"key": torch.tensor([epoch, position]), "latent_mean": mean, "latent_std": std},
-                                   caption)  # fmt: skip
+            out = {"key": torch.tensor([epoch, position]), "loss_weight": item.weight, "latent_mean": mean,
+                   "latent_std": std}  # fmt: skip
+            return self._with_text(out, caption)
         try:
             image, _ = self.source.load(item.index)
         except BadItem as error:  # the file changed since the scan: skipped, and counted by the trainer
@@ -94,7 +100,8 @@ def collate(examples: list[dict]) -> dict:
     """Stack good items into a batch; items that failed to load are dropped and their reasons listed."""
     good = [e for e in examples if "bad" not in e]
     batch = {"keys": torch.stack([e["key"] for e in good]) if good else torch.zeros(0, 2, dtype=torch.long),
-             "skipped": [e["bad"] for e in examples if "bad" in e]}  # fmt: skip
+             "skipped": [e["bad"] for e in examples if "bad" in e],
+             "loss_weights": torch.tensor([e.get("loss_weight", 1.0) for e in good], dtype=torch.float32)}  # fmt: skip
     for name in ("pixel_values", "input_ids", "latent_mean", "latent_std", "encoder_hidden_states"):
         if good and name in good[0]:
             batch[name] = torch.stack([e[name] for e in good]).contiguous()

@@ -6,6 +6,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from torch.utils.data import DataLoader
 
@@ -48,6 +49,19 @@ def _datasets(config: TrainConfig, data: PreparedData, tokenizer):
     return train, validation
 
 
+def _distinct_images(dataset: TextImageDataset) -> SimpleNamespace:
+    """The dataset's distinct (image, crop size) pairs, for the latent cache.
+
+    A repeated item (`data.repeats`, DreamBooth's instance/class repeats) sits at several positions; encoding each
+    once keeps processes from encoding the same image twice.
+    """
+    distinct = {}
+    for item, size in zip(dataset.items, dataset.sizes, strict=True):
+        distinct.setdefault((item.sha256, size), item)
+    return SimpleNamespace(source=dataset.source, interpolation=dataset.interpolation,
+                           items=list(distinct.values()), sizes=[size for _, size in distinct])  # fmt: skip
+
+
 def _fill_caches(config, datasets, accelerator, tokenizer, vae, text_encoder, weight_dtype):
     """Encode what is missing (each process its share), then point the datasets at the caches."""
     d = config.data
@@ -59,7 +73,8 @@ def _fill_caches(config, datasets, accelerator, tokenizer, vae, text_encoder, we
                     "dtype": str(weight_dtype)}  # fmt: skip
         cache = LatentCache(root, model_fingerprint(vae), settings, d.cache_memory_mib)
         for dataset in datasets:
-            latents += fill_latent_cache(cache, dataset, vae, d.cache_batch_size, rank, world, progress)
+            latents += fill_latent_cache(cache, _distinct_images(dataset), vae, d.cache_batch_size, rank, world,
+                                         progress)  # fmt: skip
             dataset.latent_cache = cache
     if d.cache_text_embeddings:
         cache = TextCache(root, model_fingerprint(text_encoder, extra=tokenizer.model_max_length), d.cache_memory_mib)
@@ -96,7 +111,8 @@ def build_loaders(config: TrainConfig, accelerator, tokenizer, vae, text_encoder
     streaming = d.train_shards is not None or d.streaming
     with accelerator.main_process_first():
         data = prepare_data(d, tokenizer, config.seed, progress=accelerator.is_local_main_process,
-                            reuse_failures=not accelerator.is_main_process, train=not streaming)  # fmt: skip
+                            reuse_failures=not accelerator.is_main_process, train=not streaming,
+                            dreambooth=config.dreambooth)  # fmt: skip
     if accelerator.is_main_process:
         if not streaming:
             logger.info("%s", data.report.format("training data"))

@@ -1,24 +1,40 @@
-"""From a data config to checked items: read the source, download URLs once, scan, split, bucket.
+"""From a data config to checked items: read the sources, download URLs once, scan, split, repeat, bucket.
 
 `prepare_data` is what the trainer and `ldm-tune inspect-data` both run. Under several processes the main process
 runs it first (downloads, decodes, writes the caches); the others then find every answer cached, including the
 failed downloads of this run, so all processes agree on the same item list.
+
+The training split may join several sources: the `data` source, and DreamBooth's instance images and class images
+(`dreambooth` config). Each is scanned and reported on its own, seen `repeats` times per epoch and carries its
+loss weight; a `validation_split` is held out of the `data` source only, before repeats.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from ldm_tune.config import DataConfig
+from ldm_tune.config import DataConfig, DreamBoothConfig
 from ldm_tune.data.buckets import assign_bucket, make_buckets
 from ldm_tune.data.scan import DataReport, ItemInfo, scan_source
-from ldm_tune.data.sources import HFDatasetSource, RecordSource, read_image_folder, read_pair_list, resolve_urls
+from ldm_tune.data.sources import (
+    ConcatSource,
+    HFDatasetSource,
+    RecordSource,
+    read_image_folder,
+    read_pair_list,
+    resolve_urls,
+)
+
+
+logger = logging.getLogger(__name__)
+MAIN_SOURCE_KEYS = ("train_data_dir", "train_data_file", "dataset_name")  # train_shards is streamed, not prepared
 
 
 def default_cache_dir() -> Path:
@@ -54,18 +70,24 @@ def _file_source(records, bad, cfg: DataConfig, cache_dir: Path, report: DataRep
 
 
 def _read(cfg: DataConfig, folder: str | None, cache_dir: Path, report: DataReport, progress: bool,
-          reuse_failures: bool = False):  # fmt: skip
+          reuse_failures: bool = False, key: str = "data.train_data_dir"):  # fmt: skip
     if folder is not None:
-        return _file_source(*read_image_folder(folder, cfg.caption_column), cfg, cache_dir, report, progress)
+        return _file_source(*read_image_folder(folder, cfg.caption_column, key=key), cfg, cache_dir, report, progress)
     if cfg.train_data_file is not None:
         records = read_pair_list(cfg.train_data_file, cfg.caption_column)
         return _file_source(*records, cfg, cache_dir, report, progress, reuse_failures)
     return HFDatasetSource.from_config(cfg)
 
 
-def _scan_cache_path(cache_dir: Path, cfg: DataConfig) -> Path:
-    origin = json.dumps([str(cfg.train_data_dir or cfg.train_data_file or cfg.dataset_name), cfg.max_image_pixels])
-    return cache_dir / "scans" / f"{hashlib.sha256(origin.encode()).hexdigest()[:20]}.json"
+def has_main_source(cfg: DataConfig) -> bool:
+    """Whether `data` names a source of its own (with DreamBooth it may hold only the instance images)."""
+    return any(getattr(cfg, key) is not None for key in MAIN_SOURCE_KEYS)
+
+
+def _scan_cache_path(cache_dir: Path, cfg: DataConfig, origin: str | Path | None = None) -> Path:
+    origin = origin if origin is not None else cfg.train_data_dir or cfg.train_data_file or cfg.dataset_name
+    key = json.dumps([str(origin), cfg.max_image_pixels])
+    return cache_dir / "scans" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
 
 def _sizes(items: list[ItemInfo], cfg: DataConfig) -> tuple[list[tuple[int, int]], list[int]]:
@@ -83,32 +105,29 @@ def _split(source, items: list[ItemInfo], cfg: DataConfig) -> Split:
 
 def prepare_data(cfg: DataConfig, tokenizer=None, seed: int = 0, cache_dir: str | Path | None = None,
                  progress: bool = True, workers: int | None = None, reuse_failures: bool = False,
-                 train: bool = True) -> PreparedData:  # fmt: skip
+                 train: bool = True, dreambooth: DreamBoothConfig | None = None) -> PreparedData:  # fmt: skip
     """Read, download, scan, split and bucket the data of `cfg`; raises if too much of it is bad.
 
     `reuse_failures`: take this run's failed downloads from the main process instead of retrying them.
     `train=False`: prepare only a separate validation source (the training data is streamed).
+    `dreambooth`: with `instance_data_dir` set, its images (and the class images of prior preservation) join the
+    training split as further sources; see `_dreambooth_parts`.
     """
     cache_dir = Path(cache_dir or cfg.cache_dir or default_cache_dir())
-    workers = workers or max(2, os.cpu_count() or 2)
-    scan_path = _scan_cache_path(cache_dir, cfg)
-    report, source, items = DataReport(), None, []
-    if train:
+    scan = _Scanner(cfg, tokenizer, cache_dir, workers or max(2, os.cpu_count() or 2), progress)
+    report, source, items = DataReport(repeats=cfg.repeats), None, []
+    if train and has_main_source(cfg):
         source = _read(cfg, cfg.train_data_dir, cache_dir, report, progress, reuse_failures)
-        items, report = scan_source(source, cfg, tokenizer, scan_path, workers, progress, report)
-        _check_fraction(report, cfg, "training")
+        items, report = scan(source, _scan_cache_path(cache_dir, cfg), report, "training")
     validation, val_report = None, None
     if cfg.validation_data_dir is not None or cfg.validation_dataset_split is not None:
-        val_report = DataReport()
-        if cfg.validation_data_dir is not None:
-            val_source = _read(cfg, cfg.validation_data_dir, cache_dir, val_report, progress)
-        else:
-            val_source = HFDatasetSource.from_config(cfg, split=cfg.validation_dataset_split)
-        val_path = scan_path.with_name(scan_path.stem + "-validation.json")
-        val_items, val_report = scan_source(val_source, cfg, tokenizer, val_path, workers, progress, val_report)
-        _check_fraction(val_report, cfg, "validation")
-        validation = _split(val_source, val_items, cfg)
+        validation, val_report = _separate_validation(cfg, scan)
     elif cfg.validation_split > 0:
+        if source is None:
+            raise ValueError(
+                f"`data.validation_split` {cfg.validation_split} holds out items of the `data` source, and there is "
+                "none (only `dreambooth.instance_data_dir`): set `data.validation_data_dir` instead."
+            )
         # A seeded permutation of the usable items, so the held-out ones are the same on every run and process.
         order = np.random.default_rng(seed).permutation(len(items))
         held_out = max(1, round(cfg.validation_split * len(items)))
@@ -119,9 +138,114 @@ def prepare_data(cfg: DataConfig, tokenizer=None, seed: int = 0, cache_dir: str 
         items = [it for i, it in enumerate(items) if i not in keep]
     if cfg.max_train_samples is not None:
         items = items[: cfg.max_train_samples]
-    if train and not items:
+    parts = [_Part("data", source, items, report)] if source is not None else []
+    if train and dreambooth is not None and dreambooth.instance_data_dir is not None:
+        parts += _dreambooth_parts(dreambooth, scan)
+    train_split, report = _combine(parts, cfg) if train else (_split(None, [], cfg), report)
+    if train and not train_split.items:
         raise ValueError(f"No usable training items.\n{report.format('training data')}")
-    return PreparedData(_split(source, items, cfg), validation, report, val_report)
+    return PreparedData(train_split, validation, report, val_report)
+
+
+class _Scanner:
+    """`scan_source` with the settings of one `prepare_data` call, checking the bad fraction of each source."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, cache_dir: Path, workers: int, progress: bool):
+        self.cfg, self.tokenizer, self.cache_dir, self.workers, self.progress = (
+            cfg,
+            tokenizer,
+            cache_dir,
+            workers,
+            progress,
+        )
+
+    def __call__(self, source, scan_path: Path, report: DataReport, name: str) -> tuple[list[ItemInfo], DataReport]:
+        items, report = scan_source(source, self.cfg, self.tokenizer, scan_path, self.workers, self.progress, report)
+        _check_fraction(report, self.cfg, name)
+        return items, report
+
+    def folder(self, folder: str | Path, key: str, name: str, caption: str | None = None, limit: int | None = None):
+        """Read and scan an image folder of a DreamBooth source; returns (source, items, report)."""
+        report = DataReport()
+        records = read_image_folder(folder, self.cfg.caption_column, caption=caption, limit=limit, key=key)
+        source = _file_source(*records, self.cfg, self.cache_dir, report, self.progress)
+        items, report = self(source, _scan_cache_path(self.cache_dir, self.cfg, origin=folder), report, name)
+        return source, items, report
+
+
+def _separate_validation(cfg: DataConfig, scan: _Scanner) -> tuple[Split, DataReport]:
+    val_report = DataReport()
+    if cfg.validation_data_dir is not None:
+        val_source = _read(cfg, cfg.validation_data_dir, scan.cache_dir, val_report, scan.progress,
+                           key="data.validation_data_dir")  # fmt: skip
+    else:
+        val_source = HFDatasetSource.from_config(cfg, split=cfg.validation_dataset_split)
+    scan_path = _scan_cache_path(scan.cache_dir, cfg)
+    val_path = scan_path.with_name(scan_path.stem + "-validation.json")
+    val_items, val_report = scan(val_source, val_path, val_report, "validation")
+    return _split(val_source, val_items, cfg), val_report
+
+
+@dataclass
+class _Part:
+    """One source of the training split: its usable items (before repeats), report and loss weight."""
+
+    name: str
+    source: object
+    items: list[ItemInfo]
+    report: DataReport  # `report.repeats`: how often each item is seen per epoch
+    weight: float = 1.0
+
+
+def _dreambooth_parts(db: DreamBoothConfig, scan: _Scanner) -> list[_Part]:
+    """DreamBooth's sources (arXiv 2208.12242): the instance images, and the class images of prior preservation.
+
+    Instance items have loss weight 1; class items `prior_loss_weight`, so the trainer's per-item weighted loss is
+    the paper's `L_instance + lambda * L_prior` (diffusers' train_dreambooth.py) when a batch holds both kinds.
+    """
+    source, items, report = scan.folder(db.instance_data_dir, "dreambooth.instance_data_dir", "instance",
+                                        caption=db.instance_prompt)  # fmt: skip
+    if not items:
+        raise ValueError(
+            f"`dreambooth.instance_data_dir` {db.instance_data_dir!r} holds no usable images.\n"
+            f"{report.format('instance data')}"
+        )
+    report.repeats = db.instance_repeats
+    parts = [_Part("instance", source, items, report)]
+    if db.with_prior_preservation:
+        folder = Path(db.class_data_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"`dreambooth.class_data_dir` {str(folder)!r} is not a folder; `ldm-tune train` creates it and "
+                "generates the class images before training."
+            )
+        # The first num_class_images in the folder's stable order: the same ones ensure_class_images counted.
+        source, items, report = scan.folder(folder, "dreambooth.class_data_dir", "class", caption=db.class_prompt,
+                                            limit=db.num_class_images)  # fmt: skip
+        if report.total < db.num_class_images:
+            logger.warning("`dreambooth.class_data_dir` %s holds %d of the %d class images (`num_class_images`); "
+                           "training generates the rest.", folder, report.total, db.num_class_images)  # fmt: skip
+        report.repeats = db.class_repeats
+        parts.append(_Part("class", source, items, report, db.prior_loss_weight))
+    return parts
+
+
+def _combine(parts: list[_Part], cfg: DataConfig) -> tuple[Split, DataReport]:
+    """One training split of all sources, each item repeated `repeats` times (kohya's num_repeats).
+
+    Repeats are extra positions holding the same item, not copies of files: caches (keyed by image hash and
+    caption) are shared, while each position's keyed draws (caption dropout, flip, crop, noise, timestep) differ.
+    """
+    if [part.name for part in parts] == ["data"]:  # one source: read it directly, as without DreamBooth
+        part = parts[0]
+        return _split(part.source, part.items * part.report.repeats, cfg), part.report
+    sources, items, offset = [], [], 0
+    for part in parts:
+        shifted = [replace(item, index=item.index + offset, weight=part.weight) for item in part.items]
+        items += shifted * part.report.repeats
+        sources.append((part.name, part.source))
+        offset += len(part.source)
+    return _split(ConcatSource(sources), items, cfg), DataReport.combine({p.name: p.report for p in parts})
 
 
 def _check_fraction(report: DataReport, cfg: DataConfig, name: str) -> None:

@@ -23,18 +23,23 @@ from ldm_tune.data.images import BadItem
 
 @dataclass
 class ItemInfo:
-    """A usable item: its index in the source, pixel size, content hash and valid captions."""
+    """A usable item: its index in the source, pixel size, content hash, valid captions and loss weight."""
 
     index: int
     width: int
     height: int
     sha256: str
     captions: list[str]
+    weight: float = 1.0  # multiplies the item's loss: DreamBooth's prior_loss_weight for class items
 
 
 @dataclass
 class DataReport:
-    """What the scan found: items kept, skipped by reason, repaired by kind, and a few examples of each."""
+    """What the scan found: items kept, skipped by reason, repaired by kind, and a few examples of each.
+
+    A split made of several sources (the `data` source, DreamBooth's instance and class images) has one report per
+    source in `sources` and their sums here, with each example prefixed by its source's name.
+    """
 
     total: int = 0
     kept: int = 0
@@ -42,6 +47,30 @@ class DataReport:
     fixes: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)
     downloads: str | None = None
+    repeats: int = 1  # each kept item is seen this many times per epoch (kohya's num_repeats)
+    sources: dict = field(default_factory=dict)  # source name -> DataReport
+
+    @classmethod
+    def combine(cls, parts: dict[str, DataReport]) -> DataReport:
+        """The sums of several sources' reports, keeping each one under `sources`."""
+        combined = cls(sources=dict(parts))
+        for name, part in parts.items():
+            combined.total += part.total
+            combined.kept += part.kept
+            combined.bad.update(part.bad)
+            combined.fixes.update(part.fixes)
+            combined.downloads = combined.downloads or part.downloads
+            for reason, origins in part.examples.items():
+                examples = combined.examples.setdefault(reason, [])
+                examples += [f"{name}:{origin}" for origin in origins][: 3 - len(examples)]
+        return combined
+
+    @property
+    def epoch_items(self) -> int:
+        """Items per epoch: the kept items times their repeats."""
+        if self.sources:
+            return sum(part.epoch_items for part in self.sources.values())
+        return self.kept * self.repeats
 
     def add(self, kind: Counter, reason: str, origin: str) -> None:
         kind[reason] += 1
@@ -58,14 +87,26 @@ class DataReport:
                  f"({self.bad_fraction:.1%})"]  # fmt: skip
         if self.downloads:
             lines.append(f"  downloads: {self.downloads}")
+        for name, part in self.sources.items():
+            lines.append(f"  source   {name:<24}{part.total:>7} items, {part.kept} kept, {sum(part.bad.values())} "
+                         f"skipped, x{part.repeats} per epoch")  # fmt: skip
+        if self.sources or self.repeats != 1:
+            lines.append(f"  per epoch {self.epoch_items} items (with repeats)")
         for label, counts in (("skipped", self.bad), ("repaired", self.fixes)):
             for reason, count in counts.most_common():
                 lines.append(f"  {label:<9}{reason:<24}{count:>7}   e.g. {', '.join(self.examples.get(reason, []))}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"total": self.total, "kept": self.kept, "bad": dict(self.bad), "fixes": dict(self.fixes),
-                "examples": self.examples, "downloads": self.downloads}  # fmt: skip
+        out = {"total": self.total, "kept": self.kept, "bad": dict(self.bad), "fixes": dict(self.fixes),
+               "examples": self.examples, "downloads": self.downloads}  # fmt: skip
+        if self.repeats != 1:
+            out["repeats"] = self.repeats
+        if self.repeats != 1 or self.sources:
+            out["epoch_items"] = self.epoch_items
+        if self.sources:
+            out["sources"] = {name: part.to_dict() for name, part in self.sources.items()}
+        return out
 
 
 def check_captions(caption) -> list[str]:

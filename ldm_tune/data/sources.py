@@ -9,11 +9,13 @@
 
 A source has `__len__`, `load(i) -> (PIL image, caption)`, `origin(i)` (for the report) and `file(i)` (the local
 file, or None). Items that are bad before any image is opened (malformed metadata, a path leaving the data folder,
-a failed download) are returned as `(origin, reason)` pairs so the report counts them.
+a failed download) are returned as `(origin, reason)` pairs so the report counts them. `ConcatSource` reads several
+sources as one (DreamBooth's instance and class images beside the `data` source).
 """
 
 from __future__ import annotations
 
+import bisect
 import csv
 import json
 from dataclasses import dataclass
@@ -147,25 +149,46 @@ def _sidecar_caption(image: Path):
     return None
 
 
-def read_image_folder(root: str | Path, caption_column: str = "text") -> tuple[list[Record], list[tuple[str, str]]]:
-    """Records of an image folder, and the (origin, reason) of items already known to be bad."""
+def list_images(root: str | Path) -> list[Path]:
+    """The image files under `root` (subfolders included), in a stable order: sorted paths."""
+    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def find_metadata(root: str | Path) -> Path | None:
+    """The folder's `metadata.jsonl` or `metadata.csv`, or None when captions are in sidecar files."""
+    return next((Path(root) / n for n in ("metadata.jsonl", "metadata.csv") if (Path(root) / n).is_file()), None)
+
+
+def read_image_folder(root: str | Path, caption_column: str = "text", caption: str | None = None,
+                      limit: int | None = None,
+                      key: str = "data.train_data_dir") -> tuple[list[Record], list[tuple[str, str]]]:  # fmt: skip
+    """Records of an image folder, and the (origin, reason) of items already known to be bad.
+
+    Args:
+        caption: one caption for every image instead of the folder's own (DreamBooth's `instance_prompt`).
+        limit: read only the first `limit` entries (images, or metadata rows) in the folder's stable order.
+        key: the config key of the folder, for the error message.
+
+    Returns:
+        `(records, bad)`: a list of `Record` and a list of `(origin, reason)` pairs.
+    """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"`data.train_data_dir` {str(root)!r} is not a folder.")
-    metadata = next((root / n for n in ("metadata.jsonl", "metadata.csv") if (root / n).is_file()), None)
+        raise FileNotFoundError(f"`{key}` {str(root)!r} is not a folder.")
+    metadata = find_metadata(root)
     records, bad = [], []
     if metadata is None:
-        for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        for image in list_images(root)[:limit]:
             origin = str(image.relative_to(root))
-            caption = _sidecar_caption(image)
+            text = caption if caption is not None else _sidecar_caption(image)
             if not _inside(root, image):
                 bad.append((origin, "path_outside_folder"))
-            elif isinstance(caption, BadItem):
-                bad.append((origin, caption.reason))
+            elif isinstance(text, BadItem):
+                bad.append((origin, text.reason))
             else:
-                records.append(Record(str(image), caption, origin))
+                records.append(Record(str(image), text, origin))
         return records, bad
-    for origin, row in _read_rows(metadata):
+    for origin, row in _read_rows(metadata)[:limit]:
         if row is None or not row.get("file_name"):
             bad.append((origin, "malformed_metadata"))
             continue
@@ -173,8 +196,47 @@ def read_image_folder(root: str | Path, caption_column: str = "text") -> tuple[l
         if Path(str(row["file_name"])).is_absolute() or not _inside(root, image):
             bad.append((origin, "path_outside_folder"))
             continue
-        records.append(Record(str(image), row.get(caption_column), origin))
+        records.append(Record(str(image), caption if caption is not None else row.get(caption_column), origin))
     return records, bad
+
+
+class ConcatSource:
+    """Several sources read as one split: item `i` of the k-th source is item `offsets[k] + i` here.
+
+    Used when DreamBooth's instance (and class) images join the `data` source; origins are prefixed by the source's
+    name so a report says where an item came from.
+    """
+
+    def __init__(self, named_sources: list[tuple[str, object]]):
+        self.names = [name for name, _ in named_sources]
+        self.sources = [source for _, source in named_sources]
+        self.offsets = [0]
+        for source in self.sources:
+            self.offsets.append(self.offsets[-1] + len(source))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        # The last source starting at or before `index` (bisect_right also steps over empty sources).
+        k = bisect.bisect_right(self.offsets, index) - 1
+        return k, index - self.offsets[k]
+
+    def origin(self, index: int) -> str:
+        k, i = self._locate(index)
+        return f"{self.names[k]}:{self.sources[k].origin(i)}"
+
+    def file(self, index: int) -> Path | None:
+        k, i = self._locate(index)
+        return self.sources[k].file(i)
+
+    def caption(self, index: int):
+        k, i = self._locate(index)
+        return self.sources[k].caption(i)
+
+    def load(self, index: int, fixes: list[str] | None = None):
+        k, i = self._locate(index)
+        return self.sources[k].load(i, fixes)
 
 
 def read_pair_list(path: str | Path, caption_column: str = "text") -> tuple[list[Record], list[tuple[str, str]]]:
