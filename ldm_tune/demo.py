@@ -7,7 +7,8 @@ Stages (each resumes if interrupted, and is skipped when already complete):
   2. model: the `demo` preset with random weights and a tokenizer built from the captions;
   3. VAE: trained from scratch (`stage: vae`), which also measures the latent scaling factor;
   4. UNet: text-conditioned, caption dropout for CFG, from cached latents and text embeddings;
-  5. fine-tune: the new concept, cross-attention only, with replayed base images so old concepts are kept;
+  5. fine-tune: the new concept (seen `new_concept_repeats` times per epoch, kohya's num_repeats, no copies) with
+     replayed base images so old concepts are kept, by the method of `finetune_method` (see FINETUNE_METHODS);
   6. evaluation: accuracy by a deterministic oracle, sampler table, grids, strips, loss curves, report.md.
 """
 
@@ -35,12 +36,13 @@ class DemoSettings:
 
     images: int = 2000
     new_concept_images: int = 60
-    new_concept_copies: int = 10  # each new-concept image appears this often in the fine-tuning mix
+    new_concept_repeats: int = 10  # each new-concept image is seen this often per epoch of the fine-tuning mix
     replay_images: int = 1000
     size: int = 32
     vae_steps: int = 600
     unet_steps: int = 1800
     finetune_steps: int = 300
+    finetune_method: str = "lora-attn2"  # a key of FINETUNE_METHODS; chosen by benchmarks/bench_finetune_methods.py
     batch_size: int = 32
     eval_images_per_prompt: int = 4
     eval_steps: int = 50
@@ -48,7 +50,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(images=48, new_concept_images=12, new_concept_copies=2, replay_images=12, vae_steps=4,
+        return cls(images=48, new_concept_images=12, new_concept_repeats=2, replay_images=12, vae_steps=4,
                    unet_steps=4, finetune_steps=2, batch_size=8, eval_images_per_prompt=1, eval_steps=3)  # fmt: skip
 
 
@@ -70,8 +72,7 @@ def _once(folder: Path, make) -> Path:
 
 
 def make_data(out: Path, s: DemoSettings) -> dict[str, Path]:
-    """The base dataset, the new-concept dataset, the fine-tuning mix (new concept + replayed base images) and the
-    VAE's images."""
+    """The base dataset, the new-concept dataset and the VAE's images."""
     base = _once(out / "data" / "base", lambda p: make_shapes_dataset(p, n=s.images, size=s.size, seed=s.seed))
     new = _once(out / "data" / NEW_COLOR, lambda p: make_shapes_dataset(
         p, n=s.new_concept_images, size=s.size, seed=s.seed + 1, colors=[NEW_COLOR], validation_fraction=0.2))  # fmt: skip
@@ -81,25 +82,7 @@ def make_data(out: Path, s: DemoSettings) -> dict[str, Path]:
     # fine-tune, and the word is new to it (0 % before, see report.md).
     vae = _once(out / "data" / "vae", lambda p: make_shapes_dataset(
         p, n=s.images, size=s.size, seed=s.seed + 2, colors=[*COLORS, *NEW_COLORS]))  # fmt: skip
-
-    def mix(folder: Path) -> None:
-        # Replaying base images while learning the new word limits forgetting of the old ones.
-        (folder / "train").mkdir(parents=True)
-        lines = []
-        for source, count, copies in (
-            (new / "train", None, s.new_concept_copies),
-            (base / "train", s.replay_images, 1),
-        ):
-            rows = (source / "metadata.jsonl").read_text().splitlines()[:count]
-            for copy in range(copies):  # repeats, as kohya's `num_repeats`: the new concept is a third of the mix
-                for row in map(json.loads, rows):
-                    name = f"{source.parent.name}-{copy}-{row['file_name']}"
-                    shutil.copyfile(source / row["file_name"], folder / "train" / name)
-                    lines.append(json.dumps({**row, "file_name": name}))
-        (folder / "train" / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-
-    finetune = _once(out / "data" / "finetune", mix)
-    return {"base": base, "new": new, "finetune": finetune, "vae": vae}
+    return {"base": base, "new": new, "vae": vae}
 
 
 def add_time(out: Path, phase: str, seconds: float, replace: bool = False) -> dict:
@@ -132,14 +115,64 @@ def _stage(out_dir: Path, overrides: list[str]) -> dict:
         AcceleratorState._reset_state(reset_partial_state=True)  # the next stage builds its own Accelerator
 
 
+# How the new concept is taught: what trains, at which rate (benchmarks/bench_finetune_methods.py compares them at
+# equal wall time on a finished demo; the measured table is in the README).
+FINETUNE_METHODS = {
+    # Cross-attention only (Custom Diffusion, arXiv 2212.04488): the layers that read the text.
+    "attn2": ["training.trainable_modules=[attn2.]", "training.learning_rate=5e-4"],
+    "full": ["training.learning_rate=5e-4"],
+    # LoRA (arXiv 2106.09685) on every attention projection; adapters take a higher rate than full weights.
+    "lora": ["training.finetune_method=lora", "training.lora_rank=16", "training.learning_rate=2e-3"],
+    "lora-attn2": ["training.finetune_method=lora", "training.lora_rank=16", "training.learning_rate=2e-3",
+                   "training.lora_target_modules=[attn2.to_q, attn2.to_k, attn2.to_v, attn2.to_out.0]"],
+}  # fmt: skip
+
+
+def _common(out: Path, s: DemoSettings) -> list[str]:
+    return [f"seed={s.seed}", f"data.resolution={s.size}", "data.center_crop=true",
+            f"training.train_batch_size={s.batch_size}", f"data.cache_dir={out / 'cache'}",
+            "logging.logging_steps=10", "checkpointing.checkpoints_total_limit=1"]  # fmt: skip
+
+
+def _unet_common(out: Path, s: DemoSettings) -> list[str]:
+    return [*_common(out, s), "data.cache_latents=true", "data.cache_text_embeddings=true", "data.caption_dropout=0.1",
+            "training.lr_scheduler=constant_with_warmup", "validation.validation_scheduler=ddim",
+            "validation.validation_inference_steps=20", "validation.validation_guidance_scale=5",
+            f"validation.validation_prompts=[a red circle on a white background, a {NEW_COLOR} square on a white "
+            "background]"]  # fmt: skip
+
+
+def finetune_overrides(out: Path, data: dict[str, Path], s: DemoSettings, method: str, steps: int | None = None,
+                       extra: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
+    """The fine-tuning stage's config: the new concept's images repeated (kohya's num_repeats, no copies) next to
+    `replay_images` replayed base images, trained by `method` (a key of FINETUNE_METHODS)."""
+    if method not in FINETUNE_METHODS:
+        raise ValueError(f"`finetune_method` must be one of {list(FINETUNE_METHODS)}, got {method!r}.")
+    steps = steps or s.finetune_steps
+    return [
+        *_unet_common(out, s), f"model.pretrained_model_name_or_path={out / 'unet' / 'pipeline'}",
+        # Replaying base images while learning the new word limits forgetting of the old ones.
+        f"data.train_data_dir={data['base'] / 'train'}", f"data.max_train_samples={s.replay_images}",
+        f"dreambooth.instance_data_dir={data['new'] / 'train'}", f"dreambooth.instance_repeats={s.new_concept_repeats}",
+        f"data.validation_data_dir={data['new'] / 'validation'}", f"training.max_train_steps={steps}",
+        "training.lr_warmup_steps=10", f"checkpointing.checkpointing_steps={max(1, steps // 2)}",
+        f"validation.validation_steps={max(1, steps // 2)}", *FINETUNE_METHODS[method], *extra,
+    ]  # fmt: skip
+
+
+def finetuned_model(out: Path) -> tuple[Path, list[Path]]:
+    """The fine-tuned model as `LDMInference.from_pretrained` takes it: (model folder, LoRAs)."""
+    if (out / "finetune" / "pytorch_lora_weights.safetensors").exists():
+        return out / "unet" / "pipeline", [out / "finetune"]
+    return out / "finetune" / "pipeline", []
+
+
 def train_stages(out: Path, data: dict[str, Path], s: DemoSettings) -> dict[str, dict]:
     """Model initialisation, then the VAE, UNet and fine-tuning stages; returns their summaries."""
     model = out / "models" / "init"
     if not model.exists():
         init_model("demo", model, seed=s.seed, words=caption_words())
-    common = [f"seed={s.seed}", f"data.resolution={s.size}", "data.center_crop=true",
-              f"training.train_batch_size={s.batch_size}", f"data.cache_dir={out / 'cache'}",
-              "logging.logging_steps=10", "checkpointing.checkpoints_total_limit=1"]  # fmt: skip
+    common = _common(out, s)
     base_data = [
         f"data.train_data_dir={data['base'] / 'train'}",
         f"data.validation_data_dir={data['base'] / 'validation'}",
@@ -152,29 +185,15 @@ def train_stages(out: Path, data: dict[str, Path], s: DemoSettings) -> dict[str,
         "training.lr_warmup_steps=20", f"checkpointing.checkpointing_steps={max(1, s.vae_steps // 2)}",
         f"validation.validation_steps={max(1, s.vae_steps // 2)}",
     ])  # fmt: skip
-    unet = [*common, "data.cache_latents=true", "data.cache_text_embeddings=true", "data.caption_dropout=0.1",
-            "training.lr_scheduler=constant_with_warmup", "validation.validation_scheduler=ddim",
-            "validation.validation_inference_steps=20", "validation.validation_guidance_scale=5",
-            f"validation.validation_prompts=[a red circle on a white background, a {NEW_COLOR} square on a white "
-            "background]"]  # fmt: skip
     summaries["unet"] = _stage(out / "unet", [
-        *unet, *base_data, f"model.pretrained_model_name_or_path={out / 'vae' / 'pipeline'}",
+        *_unet_common(out, s), *base_data, f"model.pretrained_model_name_or_path={out / 'vae' / 'pipeline'}",
         # Cosine decay: the last steps at a low rate settle colours (a constant rate kept confusing red and orange).
         f"training.max_train_steps={s.unet_steps}", "training.learning_rate=1e-3", "training.lr_warmup_steps=100",
         "training.lr_scheduler=cosine",
         f"checkpointing.checkpointing_steps={max(1, s.unet_steps // 4)}",
         f"validation.validation_steps={max(1, s.unet_steps // 4)}",
     ])  # fmt: skip
-    summaries["finetune"] = _stage(out / "finetune", [
-        *unet, f"data.train_data_dir={data['finetune'] / 'train'}", f"data.validation_data_dir={data['new'] / 'validation'}",
-        f"model.pretrained_model_name_or_path={out / 'unet' / 'pipeline'}", f"training.max_train_steps={s.finetune_steps}",
-        # Cross-attention only (Custom Diffusion, arXiv 2212.04488): in our trials (with a six-colour VAE) training
-        # every weight taught cyan but turned red shapes green (old-concept joint 97.9 % -> 43.8-67.7 %); attn2 alone
-        # kept 91.7 %.
-        "training.trainable_modules=[attn2.]", "training.learning_rate=5e-4", "training.lr_warmup_steps=10",
-        f"checkpointing.checkpointing_steps={max(1, s.finetune_steps // 2)}",
-        f"validation.validation_steps={max(1, s.finetune_steps // 2)}",
-    ])  # fmt: skip
+    summaries["finetune"] = _stage(out / "finetune", finetune_overrides(out, data, s, s.finetune_method))
     return summaries
 
 

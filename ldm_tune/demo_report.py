@@ -150,7 +150,7 @@ def loss_curves(out: Path) -> list[Path]:
 
 def write_report(out: Path, s, summaries: dict) -> dict:
     """Evaluate the trained models, write every artefact and report.md; returns the numbers."""
-    from ldm_tune.demo import add_time
+    from ldm_tune.demo import add_time, finetuned_model
 
     started = time.perf_counter()
     quick = s.unet_steps < 100
@@ -165,8 +165,9 @@ def write_report(out: Path, s, summaries: dict) -> dict:
         seed=s.seed,
     )
     new_before = evaluate(out / "unet" / "pipeline", new, (5.0,), "ddim", steps, s.eval_images_per_prompt, s.seed)
-    new_after = evaluate(out / "finetune" / "pipeline", new, (5.0,), "ddim", steps, s.eval_images_per_prompt, s.seed)
-    old_after = evaluate(out / "finetune" / "pipeline", old, (5.0,), "ddim", steps, s.eval_images_per_prompt, s.seed)
+    tuned, loras = finetuned_model(out)  # a LoRA fine-tune is the base model plus its adapters
+    new_after = evaluate(tuned, new, (5.0,), "ddim", steps, s.eval_images_per_prompt, s.seed, lora=loras)
+    old_after = evaluate(tuned, old, (5.0,), "ddim", steps, s.eval_images_per_prompt, s.seed, lora=loras)
     rows, images = sampler_table(out / "unet" / "pipeline", old, quick, s.seed)
     (out / "samplers.md").write_text(_markdown_samplers(rows) + "\n")
     (out / "samplers.json").write_text(json.dumps(rows, indent=2))
@@ -185,8 +186,9 @@ def write_report(out: Path, s, summaries: dict) -> dict:
         "vae_psnr": summaries["vae"].get("val_psnr"), "base": base["rows"], "samplers": rows,
         "new_concept_before": new_before["rows"][0]["joint"], "new_concept_after": new_after["rows"][0]["joint"],
         "old_after_finetune": old_after["rows"][0]["joint"], "old_before_finetune": by_guidance[5.0]["joint"],
+        "finetune_method": s.finetune_method,
     }  # fmt: skip
-    _write_markdown(out, results, base, rows, curves)
+    _write_markdown(out, s, results, base, rows, curves)
     return results
 
 
@@ -194,7 +196,15 @@ def _target(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
-def _write_markdown(out: Path, r: dict, base: dict, rows: list[dict], curves: list[Path]) -> None:
+_METHOD_TEXT = {
+    "attn2": "`attn2`: only the UNet's cross-attention trains",
+    "full": "every UNet weight trains",
+    "lora": "a rank-16 LoRA on the UNet's attention projections",
+    "lora-attn2": "a rank-16 LoRA on the UNet's cross-attention projections",
+}
+
+
+def _write_markdown(out: Path, s, r: dict, base: dict, rows: list[dict], curves: list[Path]) -> None:
     g = {row["guidance"]: row for row in r["base"]}
     psnr = r["vae_psnr"] or 0.0
     drop = r["old_before_finetune"] - r["old_after_finetune"]
@@ -216,12 +226,14 @@ def _write_markdown(out: Path, r: dict, base: dict, rows: list[dict], curves: li
         f"{_target(drop <= 0.10)} |", "",
         "Recipe: the VAE is trained from scratch on unlabelled shapes in all seven colours (cyan included: an "
         "autoencoder has seen every colour before a word is fine-tuned); the UNet learns the six base colours with "
-        "a frozen random text encoder; the fine-tune trains only the UNet's cross-attention (`attn2`) on the "
-        f"{NEW_COLOR} images mixed with replayed base images.", "",
+        f"a frozen random text encoder; the fine-tune ({_METHOD_TEXT[r['finetune_method']]}) learns the {NEW_COLOR} "
+        f"images, each seen {s.new_concept_repeats} times per epoch, mixed with replayed base images.", "",
         "## Samplers (guidance 5)", "", _markdown_samplers(rows), "",
         "![prompts x samplers](grid.png)", "", "Forward diffusion (0, 25, 50, 70, 100 % noise):", "",
         "![forward](forward.png)", "", "Denoising trajectory (decoded x0 predictions):", "", "![trajectory](trajectory.png)",
         "", "## Loss curves", "", *[f"![{p.stem}]({p.name})" for p in curves], "",
-        "Models: `vae/pipeline`, `unet/pipeline` (base), `finetune/pipeline` (with the new concept).",
+        "Models: `vae/pipeline`, `unet/pipeline` (base), and the new concept in "
+        + ("`finetune/pytorch_lora_weights.safetensors` (a LoRA on `unet/pipeline`)." if r["finetune_method"].startswith("lora")
+           else "`finetune/pipeline`."),
     ]  # fmt: skip
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -290,11 +290,10 @@ class Trainer(ValidationMixin):
         acc, state = self.accelerator, self.state
         position = state.batch_in_epoch * acc.num_processes + acc.process_index
         torch.manual_seed(item_seed(self.config.seed, STREAM_MODEL, state.epoch, position))
+        losses = self.compute_losses(batch, seed=self.config.seed)
         # Per-item loss weights: 1, or `prior_loss_weight` for DreamBooth class items (see ldm_tune.dreambooth).
-        loss = (
-            self.compute_losses(batch, seed=self.config.seed) * batch["loss_weights"].to(self.accelerator.device)
-        ).mean()
-        self.accelerator.backward(loss)
+        loss = (losses * batch["loss_weights"].to(losses.device)).mean()
+        acc.backward(loss)
         return loss.detach()
 
     def compute_losses(self, batch: dict, seed: int) -> torch.Tensor:

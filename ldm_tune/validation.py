@@ -43,9 +43,8 @@ class ValidationMixin:
             self.accelerator.wait_for_everyone()
             return
         unet = self.accelerator.unwrap_model(self.model)
-        text_encoder = (
-            self.accelerator.unwrap_model(self.text_encoder) if self.text_encoder else self._load_text_encoder()
-        )
+        text_encoder = self._load_text_encoder() if self.text_encoder is None else self.text_encoder
+        text_encoder = self.accelerator.unwrap_model(text_encoder)  # the DDP-wrapped one when its LoRA trains
         pipe = LDMInference(self.vae, text_encoder, self.tokenizer, unet, self.scheduler_config,
                             scheduler=v.validation_scheduler, model_name=self.config.model.pretrained_model_name_or_path,
                             checkpoint=f"step {self.state.global_step}")  # fmt: skip

@@ -8,8 +8,11 @@ def test_quick_demo_writes_every_artefact_and_resumes(tmp_path, monkeypatch):
     results = run_demo(out, DemoSettings.quick())
     for name in ("grid.png", "samplers.md", "samplers.json", "forward.png", "trajectory.png", "loss-vae.png",
                  "loss-unet.png", "loss-finetune.png", "report.md", "results.json",
-                 "vae/pipeline/model_index.json", "unet/pipeline/model_index.json", "finetune/pipeline/model_index.json"):  # fmt: skip
+                 "vae/pipeline/model_index.json", "unet/pipeline/model_index.json",
+                 "finetune/pytorch_lora_weights.safetensors", "finetune/lora_kohya.safetensors"):  # fmt: skip
         assert (out / name).exists(), name
+    assert not (out / "data" / "finetune").exists()  # the new concept is repeated, not copied
+    assert results["finetune_method"] == "lora-attn2" and "rank-16 LoRA" in (out / "report.md").read_text()
     samplers = json.loads((out / "samplers.json").read_text())
     assert [r["sampler"].split()[0] for r in samplers] == ["ddpm", "ddpm", "ddim", "pndm", "dpm++", "euler", "lms"]
     assert all(r["seconds_per_image"] > 0 and 0 <= r["joint"] <= 1 for r in samplers)
@@ -26,3 +29,13 @@ def test_quick_demo_writes_every_artefact_and_resumes(tmp_path, monkeypatch):
 def test_caption_words_cover_the_new_concept():
     words = caption_words()
     assert "cyan" in words and "triangle" in words and "gray" in words
+
+
+def test_every_finetune_method_of_the_demo_is_a_valid_config(tmp_path):
+    from ldm_tune.config import load_config
+    from ldm_tune.demo import FINETUNE_METHODS, finetune_overrides
+
+    data = {name: tmp_path / name for name in ("base", "new", "vae")}
+    for method in FINETUNE_METHODS:
+        config = load_config(None, finetune_overrides(tmp_path, data, DemoSettings(), method))
+        assert config.dreambooth.instance_repeats == DemoSettings().new_concept_repeats
