@@ -79,3 +79,36 @@ def fresh_accelerator_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+class Killed(BaseException):
+    """Stands for a kill: a BaseException, so no `except Exception` in the trainer can swallow it."""
+
+
+@pytest.fixture
+def straight_and_resumed(make_config, tmp_path, monkeypatch):
+    """`straight_and_resumed(overrides, kill_after)`: train `overrides` straight into tmp/full, then into tmp/split
+    killed right after update `kill_after` and resumed from its latest checkpoint; returns (full, split) folders."""
+    from ldm_tune.training import Trainer, make_trainer
+
+    def run(overrides, kill_after: int):
+        full, split = tmp_path / "full", tmp_path / "split"
+        make_trainer(make_config(*overrides, output_dir=full)).train()
+        original = Trainer._after_update
+
+        def killed(self, *args):
+            original(self, *args)
+            if self.state.global_step == kill_after:
+                raise Killed
+
+        with monkeypatch.context() as patch:
+            patch.setattr(Trainer, "_after_update", killed)
+            with pytest.raises(Killed):
+                make_trainer(make_config(*overrides, output_dir=split)).train()
+        exported = ("unet", "vae", "pipeline", "pytorch_lora_weights.safetensors")
+        assert not any((split / name).exists() for name in exported)  # a killed run exports nothing
+        resumed = make_config(*overrides, "checkpointing.resume_from_checkpoint=latest", output_dir=split)
+        make_trainer(resumed).train()
+        return full, split
+
+    return run

@@ -124,3 +124,14 @@ def test_dreambooth_instance_data_alone_is_a_source():
                                 "dreambooth.instance_prompt=a photo of sks dog", "training.finetune_method=lora"])  # fmt: skip
     assert config.data.train_data_dir is None and config.dreambooth.instance_repeats == 1
     assert config.training.lora_target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@pytest.mark.parametrize("name", ["tiny", "sd15", "sd21-v", "sd15-lora", "sd15-dreambooth-lora"])
+def test_shipped_configs_are_valid(name, monkeypatch):
+    from pathlib import Path
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU configs ask for fp16
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    assert config.output_dir

@@ -331,10 +331,8 @@ def test_url_list_downloads_once_and_counts_failures(image_server, tmp_path):
     assert "cached 2" in again.report.downloads and len(again.train.items) == 2
 
 
-def test_bucketed_resume_continues_exactly(make_config, tmp_path, monkeypatch):
+def test_bucketed_resume_continues_exactly(straight_and_resumed, tmp_path):
     from safetensors.torch import load_file
-
-    from ldm_tune.training import Trainer
 
     root = tmp_path / "mixed"
     root.mkdir()
@@ -346,19 +344,7 @@ def test_bucketed_resume_continues_exactly(make_config, tmp_path, monkeypatch):
     common = [f"data.train_data_dir={root}", "data.bucketing=true", "data.bucket_step=16", "data.random_flip=true",
               "training.train_batch_size=2", "training.max_train_steps=7", "checkpointing.checkpointing_steps=4",
               "training.lr_scheduler=linear"]  # fmt: skip
-    Trainer(make_config(*common, output_dir=tmp_path / "full")).train()
-    original = Trainer._after_update
-
-    def stop_after_4(self, *args):
-        original(self, *args)
-        if self.state.global_step == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "_after_update", stop_after_4)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(make_config(*common, output_dir=tmp_path / "split")).train()
-    monkeypatch.setattr(Trainer, "_after_update", original)
-    Trainer(make_config(*common, "checkpointing.resume_from_checkpoint=latest", output_dir=tmp_path / "split")).train()
+    straight_and_resumed(common, kill_after=4)
     a, b = (load_file(tmp_path / run / "unet" / "diffusion_pytorch_model.safetensors") for run in ("full", "split"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 

@@ -113,33 +113,18 @@ RESUME = ["data.max_train_samples=8", "training.train_batch_size=3", "training.g
           "checkpointing.checkpointing_steps=3", "logging.logging_steps=1"]  # fmt: skip
 
 
-class Killed(Exception):
-    pass
-
-
-def test_resume_continues_exactly(make_config, tmp_path, monkeypatch):
-    Trainer(make_config(*RESUME, output_dir=tmp_path / "full")).train()
-
-    original = Trainer._after_update
-
-    def killed_after_step_3(self, *args):
-        original(self, *args)
-        if self.state.global_step == 3:
-            raise Killed  # mid-epoch: 8 items in batches of 3, 2 batches per update
-
-    monkeypatch.setattr(Trainer, "_after_update", killed_after_step_3)
-    with pytest.raises(Killed):
-        Trainer(make_config(*RESUME, output_dir=tmp_path / "split")).train()
-    monkeypatch.setattr(Trainer, "_after_update", original)
-    assert not (tmp_path / "split" / "unet").exists()
-    Trainer(make_config(*RESUME, "checkpointing.resume_from_checkpoint=latest", output_dir=tmp_path / "split")).train()
-
+def test_resume_continues_exactly(straight_and_resumed, tmp_path):
+    straight_and_resumed(RESUME, kill_after=3)  # mid-epoch: 8 items in batches of 3, 2 per update
     for folder in ("unet", "checkpoint-6/unet", "checkpoint-6/unet_ema"):  # exported EMA, raw weights, EMA state
         assert max_diff(unet_weights(tmp_path / "full" / folder), unet_weights(tmp_path / "split" / folder)) <= 1e-6
     full = [r for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "loss" in r]
     split = [r for r in read_metrics(tmp_path / "split" / "metrics.jsonl") if "loss" in r]
     assert [r["lr"] for r in full] == [r["lr"] for r in split]  # the LR schedule continued
     assert [round(r["loss"], 6) for r in full] == [round(r["loss"], 6) for r in split]  # same data, noise, steps
+
+
+class Killed(Exception):
+    pass
 
 
 def test_kill_inside_save_state_keeps_the_previous_checkpoint(make_config, tmp_path, monkeypatch):

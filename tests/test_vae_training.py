@@ -38,24 +38,10 @@ def test_vae_stage_learns_and_exports_a_usable_model(make_config, shapes_dir):
     assert json.loads((out / "summary.json").read_text())["stage"] == "vae"
 
 
-def test_vae_stage_resumes_exactly(make_config, tmp_path, monkeypatch):
+def test_vae_stage_resumes_exactly(straight_and_resumed, tmp_path):
     common = [*VAE, "training.max_train_steps=4", "checkpointing.checkpointing_steps=2", "training.use_ema=true",
               "vae.compute_scaling_factor=false"]  # fmt: skip
-    make_trainer(make_config(*common, output_dir=tmp_path / "full")).train()
-    original = VAETrainer._after_update
-
-    def stop_at_2(self, *args):
-        original(self, *args)
-        if self.state.global_step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(VAETrainer, "_after_update", stop_at_2)
-    with pytest.raises(KeyboardInterrupt):
-        make_trainer(make_config(*common, output_dir=tmp_path / "split")).train()
-    monkeypatch.setattr(VAETrainer, "_after_update", original)
-    make_trainer(
-        make_config(*common, "checkpointing.resume_from_checkpoint=latest", output_dir=tmp_path / "split")
-    ).train()
+    straight_and_resumed(common, kill_after=2)
     a, b = (load_file(tmp_path / run / "vae" / "diffusion_pytorch_model.safetensors") for run in ("full", "split"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 

@@ -151,13 +151,8 @@ class _Scanner:
     """`scan_source` with the settings of one `prepare_data` call, checking the bad fraction of each source."""
 
     def __init__(self, cfg: DataConfig, tokenizer, cache_dir: Path, workers: int, progress: bool):
-        self.cfg, self.tokenizer, self.cache_dir, self.workers, self.progress = (
-            cfg,
-            tokenizer,
-            cache_dir,
-            workers,
-            progress,
-        )
+        self.cfg, self.tokenizer, self.cache_dir = cfg, tokenizer, cache_dir
+        self.workers, self.progress = workers, progress
 
     def __call__(self, source, scan_path: Path, report: DataReport, name: str) -> tuple[list[ItemInfo], DataReport]:
         items, report = scan_source(source, self.cfg, self.tokenizer, scan_path, self.workers, self.progress, report)
