@@ -254,22 +254,13 @@ def test_inspect_data_prints_the_report(tiny_model_dir, tmp_path, capsys):
     assert "more than `data.max_bad_fraction`" in capsys.readouterr().err
 
 
-def test_two_processes_see_every_item_once(tiny_model_dir, shapes_dir, tmp_path):
-    import subprocess
-    import sys
-
-    worker = Path(__file__).with_name("two_process_worker.py")
-    torchrun = Path(sys.executable).parent / "torchrun"
+def test_two_processes_see_every_item_once(tiny_model_dir, shapes_dir, tmp_path, run_two_processes):
     overrides = [f"model.pretrained_model_name_or_path={tiny_model_dir}", f"data.train_data_dir={shapes_dir / 'train'}",
                  f"data.validation_data_dir={shapes_dir / 'validation'}", "data.resolution=32",
                  "training.train_batch_size=5", "training.max_train_steps=2", "validation.validation_steps=1",
                  "data.cache_latents=true", "data.center_crop=true", f"data.cache_dir={tmp_path / 'cache'}",
                  f"output_dir={tmp_path / 'run'}"]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(worker), str(tmp_path),
-                             *overrides], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_two_processes("two_process_worker.py", overrides)
     assert all(r["processes"] == 2 and r["steps"] == 2 for r in ranks)
     for epoch in ("0", "1"):
         seen = ranks[0]["seen"][epoch] + ranks[1]["seen"][epoch]

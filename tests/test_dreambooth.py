@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -251,9 +249,9 @@ def test_class_image_errors_name_the_key(tiny_model_dir, make_config, shapes_dir
     assert (foreign / "class-00000.txt").read_text() == "my notes"
 
 
-def test_two_processes_share_class_images_and_train_alike(tiny_model_dir, make_config, concept_dir, tmp_path):
-    worker = Path(__file__).with_name("dreambooth_worker.py")
-    torchrun = Path(sys.executable).parent / "torchrun"
+def test_two_processes_share_class_images_and_train_alike(
+    tiny_model_dir, make_config, concept_dir, tmp_path, run_two_processes
+):
     class_dir = tmp_path / "class"
     # 3 instance images x 2 repeats and 5 class images: 11 items over 2 ranks; 5 missing images in batches of 2.
     overrides = [f"model.pretrained_model_name_or_path={tiny_model_dir}", "data.resolution=32",
@@ -263,11 +261,7 @@ def test_two_processes_share_class_images_and_train_alike(tiny_model_dir, make_c
                  f"dreambooth.instance_data_dir={concept_dir}", f"dreambooth.instance_prompt={PROMPT}",
                  "dreambooth.instance_repeats=2", *CLASS, f"dreambooth.class_data_dir={class_dir}",
                  "dreambooth.prior_loss_weight=0.5"]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(worker), str(tmp_path),
-                             *overrides], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_two_processes("dreambooth_worker.py", overrides)
     # Batches {0, 1} and {4} on rank 0, {2, 3} on rank 1: uneven shares, every image written once.
     assert [r["generated"] for r in ranks] == [[3], [2]]
     assert sorted(p.name for p in class_dir.glob("*.png")) == [f"class-{i:05d}.png" for i in range(5)]

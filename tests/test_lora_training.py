@@ -1,10 +1,6 @@
 """LoRA on the one trainer: only adapters train and are saved, resume is exact, the files load in diffusers."""
 
 import hashlib
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -153,20 +149,14 @@ def test_nonfinite_loss_leaves_the_adapters_alone(make_config, monkeypatch):
     assert max_diff(*ema) == 0 and all(torch.isfinite(v).all() for v in ema[1].values())
 
 
-def test_two_processes_train_one_lora(tiny_model_dir, shapes_dir, tmp_path):
-    worker = Path(__file__).with_name("two_process_worker.py")
-    torchrun = Path(sys.executable).parent / "torchrun"
+def test_two_processes_train_one_lora(tiny_model_dir, shapes_dir, tmp_path, run_two_processes):
     # 12 items in batches of 5 over 2 processes: batches of 5, 5 and 2 split into 3+2: uneven per process.
     overrides = [f"model.pretrained_model_name_or_path={tiny_model_dir}", f"data.train_data_dir={shapes_dir / 'train'}",
                  f"data.validation_data_dir={shapes_dir / 'validation'}", "data.resolution=32", *LORA,
                  "training.train_text_encoder_lora=true", "training.use_ema=true", "training.train_batch_size=5",
                  "training.max_train_steps=3", "validation.validation_steps=2", "checkpointing.checkpointing_steps=2",
                  f"output_dir={tmp_path / 'run'}"]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(worker), str(tmp_path),
-                             *overrides], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_two_processes("two_process_worker.py", overrides)
     assert all(r["processes"] == 2 and r["steps"] == 3 for r in ranks)
     assert ranks[0]["trained_sum"] == ranks[1]["trained_sum"]  # one model: gradients were averaged every step
     assert ranks[0]["best_val_loss"] == ranks[1]["best_val_loss"]

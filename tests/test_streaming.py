@@ -1,8 +1,5 @@
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -133,18 +130,12 @@ def test_hf_streaming_dataset(make_config, shapes_dir, tmp_path):
     assert trainer.train()["global_step"] == 4
 
 
-def test_two_processes_share_a_stream_without_duplicates(tiny_model_dir, tmp_path):
+def test_two_processes_share_a_stream_without_duplicates(tiny_model_dir, tmp_path, run_two_processes):
     expected = make_shards(tmp_path / "shards", shards=4, per_shard=5)
-    worker = Path(__file__).with_name("two_process_worker.py")
-    torchrun = Path(sys.executable).parent / "torchrun"
     overrides = [f"model.pretrained_model_name_or_path={tiny_model_dir}",
                  f"data.train_shards={tmp_path / 'shards'}/shard-{{000..003}}.tar", "data.resolution=32",
                  "training.train_batch_size=3", "training.max_train_steps=2", f"output_dir={tmp_path / 'run'}"]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(worker), str(tmp_path),
-                             *overrides], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_two_processes("two_process_worker.py", overrides)
     for epoch in ("0", "1"):
         seen = ranks[0]["seen"][epoch] + ranks[1]["seen"][epoch]
         assert len(seen) == len(set(seen)) == expected["good"]  # 20 samples over 2 ranks: each once
