@@ -121,7 +121,12 @@ class TrainingConfig:
     snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (arXiv 2303.09556); 5.0 is recommended.")
     noise_offset: float = _f(0.0, "Offset noise strength (crosslabs.org/blog/diffusion-with-offset-noise); ~0.05.")
     input_perturbation: float = _f(0.0, "Input perturbation (arXiv 2301.11706); ~0.1.")
-    max_nonfinite_steps: int = _f(10, "Stop after this many non-finite losses in a row.")
+    max_nonfinite_steps: int = _f(
+        10, "Stop after this many updates in a row skipped for a non-finite loss or gradient."
+    )
+    ddp_timeout: int = _f(
+        7200, "Seconds a process waits for the others at a collective (data preparation before step 1 included)."
+    )
 
 
 @dataclass
@@ -451,6 +456,7 @@ def _validate_ranges(config: TrainConfig) -> None:
         "training.num_train_epochs": t.num_train_epochs,
         "training.max_train_steps": t.max_train_steps,
         "training.max_nonfinite_steps": t.max_nonfinite_steps,
+        "training.ddp_timeout": t.ddp_timeout,
         "checkpointing.checkpointing_steps": c.checkpointing_steps,
         "checkpointing.checkpoints_total_limit": c.checkpoints_total_limit,
         "validation.validation_inference_steps": v.validation_inference_steps,

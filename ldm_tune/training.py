@@ -8,6 +8,7 @@ under Accelerate's autocast. The loop is split like guided-diffusion's TrainLoop
 from __future__ import annotations
 
 import contextlib
+import datetime
 import itertools
 import json
 import logging
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised after `max_nonfinite_steps` non-finite losses in a row."""
+    """Raised after `max_nonfinite_steps` updates in a row skipped for a non-finite loss or gradient."""
 
 
 @dataclass
@@ -95,6 +96,9 @@ class Trainer(ValidationMixin):
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             mixed_precision=t.mixed_precision,
             log_with=log_with,
+            # Downloads, the scan and cache filling run before step 1 behind barriers: the default process-group
+            # timeout (10 min for NCCL) ends a large run before it starts.
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=t.ddp_timeout))],
             project_config=ProjectConfiguration(
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
             ),
@@ -234,7 +238,8 @@ class Trainer(ValidationMixin):
             self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
         self.progress = tqdm(total=self.max_train_steps, initial=self.state.global_step, desc="training",
                              disable=not self.accelerator.is_local_main_process)  # fmt: skip
-        self.window = torch.zeros(3, device=self.accelerator.device)  # loss sum, count, non-finite count
+        # loss sum, micro-batch count, non-finite losses, non-finite gradient norms
+        self.window = torch.zeros(4, device=self.accelerator.device)
         self.step_started = time.perf_counter()
         while self.state.global_step < self.max_train_steps:
             self.sampler.start_epoch(self.state.epoch)
@@ -253,34 +258,66 @@ class Trainer(ValidationMixin):
 
     def run_step(self, batch: dict) -> bool:
         """One micro-batch; at the end of an accumulation window, update, then log/evaluate/save. True if updated."""
-        acc, t = self.accelerator, self.config.training
+        acc = self.accelerator
         for reason in batch["skipped"]:
-            self.state.items_skipped += 1
-            self.state.skipped_by_reason[reason] = self.state.skipped_by_reason.get(reason, 0) + 1
-        if len(batch["keys"]) == 0:
-            return False  # every item of the batch failed to load (files changed since the scan)
+            self._count_skipped(reason)
+        if self._empty_anywhere(batch):
+            return False
         with acc.accumulate(*self.trained_models):
             loss = self.forward_backward(batch)
             finite = torch.isfinite(loss)
-            self.window += torch.stack([torch.where(finite, loss, 0.0), torch.ones_like(loss), (~finite).float()])
+            self.window[:3] += torch.stack([torch.where(finite, loss, 0.0), torch.ones_like(loss), (~finite).float()])
             if not acc.sync_gradients:
                 return False
-            loss_sum, count, nonfinite = acc.reduce(self.window, reduction="sum").tolist()
+            grad_norm = self._clip_gradients()
+            self.window[3] = float(grad_norm is not None and not torch.isfinite(grad_norm))
+            # One reduce for the loss sums and both non-finite counts: every process takes the same decision.
+            loss_sum, count, nonfinite, bad_gradients = acc.reduce(self.window, reduction="sum").tolist()
             self.window.zero_()
-            grad_norm = None
-            if nonfinite == 0:
-                if t.max_grad_norm > 0:
-                    params = [p for group in self.optimizer.param_groups for p in group["params"]]
-                    grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm)
-                self.optimizer.step()
-            # A non-finite loss skips the update: its gradients are discarded here, on every process alike.
+            updated = self._step(skip=nonfinite > 0 or bad_gradients > 0)
             self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        if nonfinite == 0 and self.ema is not None:
+            self.optimizer.zero_grad(set_to_none=True)  # the gradients of a skipped update are discarded here
+        if updated and self.ema is not None:
             self.ema.step(self.method.ema_parameters())
         self.state.global_step += 1
-        self._after_update(loss_sum / max(count - nonfinite, 1), nonfinite > 0, grad_norm)
+        self._after_update(loss_sum / max(count - nonfinite, 1), not updated, grad_norm)
         return True
+
+    def _count_skipped(self, reason: str, count: int = 1) -> None:
+        self.state.items_skipped += count
+        self.state.skipped_by_reason[reason] = self.state.skipped_by_reason.get(reason, 0) + count
+
+    def _empty_anywhere(self, batch: dict) -> bool:
+        """True when this micro-batch is empty here or on another process (all its items failed to load: files
+        changed since the scan). Every process then skips it together, so the gradient all-reduce and the loss
+        reduce keep pairing the same steps on every process; the items of the others are counted as skipped."""
+        acc, size = self.accelerator, len(batch["keys"])
+        if acc.num_processes == 1:
+            return size == 0
+        empty = acc.reduce(torch.tensor([float(size == 0)], device=acc.device), reduction="sum").item()
+        if empty and size:
+            self._count_skipped("empty_batch_on_another_process", size)
+        return empty > 0
+
+    def _clip_gradients(self) -> torch.Tensor | None:
+        """Clip to `max_grad_norm` (when > 0); returns the gradients' norm (None under DeepSpeed, which checks them).
+
+        The norm is computed even with clipping off: in bf16 or fp32 a finite loss can still give inf or NaN
+        gradients, which would write NaN into the weights, the optimizer state and the EMA.
+        """
+        t = self.config.training
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        return self.accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+
+    def _step(self, skip: bool) -> bool:
+        """Step the optimizer unless `skip`; True when the weights were updated (the fp16 GradScaler may skip too)."""
+        scaler = self.accelerator.scaler
+        if skip:
+            if scaler is not None:  # its unscale_ ran in clipping: close the step, lowering the scale on overflow
+                scaler.update()
+            return False
+        self.optimizer.step()
+        return not self.accelerator.optimizer_step_was_skipped
 
     def forward_backward(self, batch: dict) -> torch.Tensor:
         """Loss of one micro-batch, back-propagated (Accelerate scales it for accumulation and mixed precision)."""
@@ -288,7 +325,9 @@ class Trainer(ValidationMixin):
         # every other draw: a resumed run draws the masks the uninterrupted run drew, whatever consumed the global
         # generator in between (a new DataLoader iterator takes a seed from it).
         acc, state = self.accelerator, self.state
-        position = state.batch_in_epoch * acc.num_processes + acc.process_index
+        # The micro-batch's index in the epoch's layout of batches for all processes (process r takes batches r,
+        # r + n, ...): the same whether its batches run on n processes or as n accumulation steps on one.
+        position = (state.batch_in_epoch - 1) * acc.num_processes + acc.process_index
         torch.manual_seed(item_seed(self.config.seed, STREAM_MODEL, state.epoch, position))
         losses = self.compute_losses(batch, seed=self.config.seed)
         # Per-item loss weights: 1, or `prior_loss_weight` for DreamBooth class items (see ldm_tune.dreambooth).
@@ -296,9 +335,17 @@ class Trainer(ValidationMixin):
         acc.backward(loss)
         return loss.detach()
 
-    def compute_losses(self, batch: dict, seed: int) -> torch.Tensor:
-        """Per-item denoising losses of a batch: encode with the frozen parts (or read the caches), noise, predict."""
+    def compute_losses(self, batch: dict, seed: int, distributed: bool = True) -> torch.Tensor:
+        """Per-item denoising losses of a batch: encode with the frozen parts (or read the caches), noise, predict.
+
+        `distributed=False` runs the unwrapped models: for evaluation, where processes may run different numbers of
+        batches and DDP's forward must not take part in any collective.
+        """
         t = self.config.training
+        unet, text_encoder = self.model, self.text_encoder
+        if not distributed:
+            unwrap = self.accelerator.unwrap_model
+            unet, text_encoder = unwrap(unet), None if text_encoder is None else unwrap(text_encoder)
         with torch.no_grad():
             if "latent_mean" in batch:
                 mean, std = batch["latent_mean"], batch["latent_std"]
@@ -312,8 +359,8 @@ class Trainer(ValidationMixin):
         if "encoder_hidden_states" in batch:
             encoder_hidden_states = batch["encoder_hidden_states"].to(self.weight_dtype)
         else:  # outside no_grad: a text encoder with LoRA adapters trains (a frozen one records no graph)
-            encoder_hidden_states = self.text_encoder(batch["input_ids"], return_dict=False)[0]
-        return denoising_loss(self.model, self.noise_scheduler, latents, encoder_hidden_states, draws,
+            encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+        return denoising_loss(unet, self.noise_scheduler, latents, encoder_hidden_states, draws,
                               self.prediction_type, t.snr_gamma, t.input_perturbation)  # fmt: skip
 
     def _after_update(self, loss: float, skipped: bool, grad_norm) -> None:
@@ -351,12 +398,14 @@ class Trainer(ValidationMixin):
         state.nonfinite_in_row += 1
         state.nonfinite_total += 1
         logger.warning(
-            "Non-finite loss at step %d: update skipped (%d in a row).", state.global_step, state.nonfinite_in_row
+            "Non-finite loss or gradients at step %d: update skipped (%d in a row).",
+            state.global_step,
+            state.nonfinite_in_row,
         )
         if state.nonfinite_in_row >= self.config.training.max_nonfinite_steps:
             last = self.checkpoints.latest()
             raise NonFiniteLossError(
-                f"The loss was not finite for {state.nonfinite_in_row} updates in a row, the last at step "
+                f"The loss or the gradients were not finite for {state.nonfinite_in_row} updates in a row, the last at step "
                 f"{state.global_step}; stopping. Last good checkpoint: {str(last) if last else 'none'}. Try a lower "
                 "`training.learning_rate`, bf16 instead of fp16, or `training.max_grad_norm`."
             )

@@ -76,11 +76,12 @@ class VAETrainer(Trainer):
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         return (vae.config.latent_channels, pixels.shape[2] // factor, pixels.shape[3] // factor)
 
-    def compute_losses(self, batch: dict, seed: int) -> torch.Tensor:
+    def compute_losses(self, batch: dict, seed: int, distributed: bool = True) -> torch.Tensor:
         """Per-item reconstruction loss + kl_weight x KL (both means over their elements)."""
         pixels = batch["pixel_values"]
         draws = draw(batch["keys"].cpu(), self._latent_shape(pixels), 1, seed)
-        recon, mean, logvar = self.model(pixels, draws.posterior_eps.to(pixels.device, pixels.dtype))
+        model = self.model if distributed else self.accelerator.unwrap_model(self.model)
+        recon, mean, logvar = model(pixels, draws.posterior_eps.to(pixels.device, pixels.dtype))
         error = (recon.float() - pixels.float()).abs() if self.config.vae.reconstruction_loss == "l1" else None
         error = error if error is not None else (recon.float() - pixels.float()) ** 2
         kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1.0 - logvar.float())
@@ -90,16 +91,19 @@ class VAETrainer(Trainer):
         """Held-out mean squared error of deterministic reconstructions (posterior mean); PSNR is logged with it."""
         if self.val_loader is None:
             return None
+        model = self.accelerator.unwrap_model(self.model)  # no DDP collective: batch counts may differ per process
         errors = []
         with torch.no_grad(), self._eval_mode(), self._ema_weights():
             for batch in self.val_loader:
-                recon = self.model(batch["pixel_values"])[0]
-                mse = F.mse_loss(recon.float(), batch["pixel_values"].float(), reduction="none").mean(dim=(1, 2, 3))
-                errors.append(self.accelerator.gather_for_metrics(mse))
-        errors = torch.cat(errors)
-        self.last_val_psnr = psnr(errors).mean().item()
+                if len(batch["keys"]):
+                    recon = model(batch["pixel_values"])[0]
+                    mse = F.mse_loss(recon.float(), batch["pixel_values"].float(), reduction="none")
+                    errors.append(mse.mean(dim=(1, 2, 3)))
+        # Mean MSE and mean PSNR over every process's images, each by one all-reduce of (sum, count).
+        mean_mse = self.reduce_mean(errors)
+        self.last_val_psnr = self.reduce_mean(psnr(e) for e in errors)
         self.metrics.log({"step": self.state.global_step, "val_psnr": self.last_val_psnr})
-        return errors.mean().item()
+        return mean_mse
 
     def _sample_batch(self, count: int) -> dict:
         dataset = (self.val_loader or self.train_loader).dataset

@@ -19,12 +19,26 @@ class ValidationMixin:
         """Validation loss with fixed noise and timesteps (keyed by the validation seed), comparable across steps."""
         if self.val_loader is None:
             return None
-        losses = []
         with torch.no_grad(), self._eval_mode(), self._ema_weights():
-            for batch in self.val_loader:
-                per_item = self.compute_losses(batch, seed=self.config.validation.validation_seed)
-                losses.append(self.accelerator.gather_for_metrics(per_item))
-        return torch.cat(losses).mean().item()
+            return self.reduce_mean(
+                self.compute_losses(batch, seed=self.config.validation.validation_seed, distributed=False)
+                for batch in self.val_loader
+                if len(batch["keys"])
+            )
+
+    def reduce_mean(self, per_item_values) -> float | None:
+        """The mean over every process's items of an iterable of per-item tensors, by one all-reduce of (sum, count).
+
+        Processes may hold different numbers of batches and items (uneven buckets, items that failed to load):
+        each reaches the one all-reduce once, so nothing pairs up wrongly or waits, and every process gets the
+        same mean (and so the same decision about `best/`). None when no process had an item.
+        """
+        totals = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device)
+        for values in per_item_values:
+            totals += torch.stack([values.double().sum(), torch.tensor(values.numel(), dtype=torch.float64,
+                                                                       device=totals.device)])  # fmt: skip
+        total, count = self.accelerator.reduce(totals, reduction="sum").tolist()
+        return total / count if count else None
 
     def validate(self) -> None:
         """Validation loss (keeping the best UNet in `best/`) and validation images."""

@@ -116,20 +116,23 @@ def straight_and_resumed(make_config, tmp_path, monkeypatch):
 
 @pytest.fixture
 def run_two_processes(tmp_path):
-    """`run_two_processes(worker, overrides)`: run tests/<worker> under torchrun with 2 CPU processes (gloo), as
-    `worker tmp_path *overrides`; returns what each rank wrote to tmp_path/rank<r>.json."""
+    """`run_two_processes(worker, overrides, processes=2, out=tmp_path)`: run tests/<worker> under torchrun with
+    CPU processes (gloo), one thread each, as `worker out *overrides`; returns what each rank wrote to
+    out/rank<r>.json."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
-    def run(worker: str, overrides: list[str]) -> list[dict]:
+    def run(worker: str, overrides: list[str], processes: int = 2, out: Path | None = None) -> list[dict]:
+        out = out or tmp_path
+        out.mkdir(parents=True, exist_ok=True)
         torchrun = Path(sys.executable).parent / "torchrun"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        command = [str(torchrun), "--standalone", "--nproc_per_node=2", str(Path(__file__).with_name(worker)),
-                   str(tmp_path), *overrides]  # fmt: skip
+        command = [str(torchrun), "--standalone", f"--nproc_per_node={processes}",
+                   str(Path(__file__).with_name(worker)), str(out), *overrides]  # fmt: skip
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
-        return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+        return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(processes)]
 
     return run

@@ -295,3 +295,78 @@ def test_hf_dataset_from_disk_with_caption_lists(make_config, shapes_dir, tmp_pa
     with pytest.raises(ValueError, match=r"Dataset columns \['image'\] not found"):
         Trainer(make_config("data.train_data_dir=null", f"data.dataset_name={tmp_path / 'hf'}",
                             "data.caption_column=captions", output_dir=tmp_path / "other"))  # fmt: skip
+
+
+@pytest.mark.parametrize("precision, clip", [("'no'", 1.0), ("'no'", 0.0), ("bf16", 1.0)])
+def test_nonfinite_gradients_skip_the_update(make_config, monkeypatch, precision, clip):
+    """A finite loss with an inf gradient (bf16/fp32 overflow) must not write NaN into weights, Adam or EMA."""
+    config = make_config("training.max_train_steps=6", "checkpointing.checkpointing_steps=1", "training.use_ema=true",
+                         f"training.mixed_precision={precision}", f"training.max_grad_norm={clip}",
+                         "training.max_nonfinite_steps=3")  # fmt: skip
+    original = Trainer.forward_backward
+
+    def inf_gradient_from_step_2(self, batch):
+        if self.state.global_step >= 1:  # one weight's gradient overflows during backward
+            weight = self.accelerator.unwrap_model(self.model).conv_in.weight
+            handle = weight.register_hook(lambda grad: grad * float("inf"))
+            try:
+                return original(self, batch)
+            finally:
+                handle.remove()
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "forward_backward", inf_gradient_from_step_2)
+    with pytest.raises(NonFiniteLossError, match=r"3 updates in a row, the last at step 4.*checkpoint-3"):
+        Trainer(config).train()
+    out = Path(config.output_dir)
+    for step in (1, 2, 3):
+        weights = unet_weights(out / f"checkpoint-{step}" / "unet")
+        assert all(torch.isfinite(v).all() for v in weights.values()), step
+        assert all(torch.isfinite(v).all() for v in unet_weights(out / f"checkpoint-{step}" / "unet_ema").values())
+    assert max_diff(unet_weights(out / "checkpoint-1" / "unet"), unet_weights(out / "checkpoint-3" / "unet")) == 0
+    optimizer = torch.load(out / "checkpoint-3" / "optimizer.bin", weights_only=True)
+    assert all(torch.isfinite(t).all() for s in optimizer["state"].values() for t in s.values() if t.dim())
+
+
+def test_what_one_process_meets_alone_keeps_both_in_step(tiny_model_dir, shapes_dir, tmp_path, run_two_processes):
+    """Rank 1 alone: an empty micro-batch, then an inf gradient; validation batches of 3 and 1 items. No hang, no
+    desync: both ranks skip the same micro-batch and the same update and agree on one exact validation loss."""
+    overrides = [f"model.pretrained_model_name_or_path={tiny_model_dir}", f"data.train_data_dir={shapes_dir / 'train'}",
+                 f"data.validation_data_dir={shapes_dir / 'validation'}", "validation.validation_batch_size=3",
+                 "data.resolution=32", "training.train_batch_size=3", "training.max_train_steps=4",
+                 "validation.validation_steps=0", "training.learning_rate=1e-3", "training.ddp_timeout=1234",
+                 f"output_dir={tmp_path / 'run'}"]  # fmt: skip
+    ranks = run_two_processes("robustness_worker.py", overrides)
+    assert [r["timeout"] for r in ranks] == [1234, 1234]  # the process group waits as long as configured
+    states = [r["state"] for r in ranks]
+    assert states[0]["epoch"] == states[1]["epoch"] and states[0]["batch_in_epoch"] == states[1]["batch_in_epoch"]
+    assert states[1]["skipped_by_reason"]["injected_failure"] == 3
+    assert states[0]["skipped_by_reason"]["empty_batch_on_another_process"] == 3  # its items of that micro-batch
+    assert [s["nonfinite_total"] for s in states] == [1, 1]  # the inf of rank 1 skipped the update on both
+    assert ranks[0]["trained_sum"] == ranks[1]["trained_sum"] and torch.isfinite(torch.tensor(ranks[0]["trained_sum"]))
+    assert ranks[0]["val_items"] == 4 and ranks[0]["best_val_loss"] == ranks[1]["best_val_loss"]
+    assert ranks[0]["best_val_loss"] == pytest.approx(ranks[0]["val_loss_one_process"], rel=1e-5)
+
+
+@pytest.mark.parametrize("method", [[], ["training.finetune_method=lora", "training.lora_dropout=0.5"]],
+                         ids=["full", "lora-with-dropout"])  # fmt: skip
+def test_two_processes_train_like_one_with_accumulation(tiny_model_dir, shapes_dir, tmp_path, run_two_processes,
+                                                        method):  # fmt: skip
+    """Batches of 4 on 2 processes == the same batches as 2 accumulation steps on 1 process: the same keyed draws,
+    dropout masks included (keyed by the micro-batch's place in the epoch's layout, not by the process)."""
+    common = [f"model.pretrained_model_name_or_path={tiny_model_dir}", f"data.train_data_dir={shapes_dir / 'train'}",
+              "data.resolution=32", "data.max_train_samples=8", "training.train_batch_size=4",
+              "training.max_train_steps=3", "training.learning_rate=1e-3", "data.random_flip=true",
+              "training.lr_scheduler=cosine", "training.lr_warmup_steps=1", *method]  # fmt: skip
+    run_two_processes(
+        "two_process_worker.py", [*common, f"output_dir={tmp_path / 'two' / 'run'}"], out=tmp_path / "two"
+    )
+    run_two_processes("two_process_worker.py", [*common, "training.gradient_accumulation_steps=2",
+                                                f"output_dir={tmp_path / 'one' / 'run'}"], processes=1, out=tmp_path / "one")  # fmt: skip
+    if method:
+        two, one = (load_file(tmp_path / run / "run" / "pytorch_lora_weights.safetensors") for run in ("two", "one"))
+        assert max(v.abs().max().item() for k, v in one.items() if "lora_B" in k) > 0  # it trained
+    else:
+        two, one = (unet_weights(tmp_path / run / "run" / "unet") for run in ("two", "one"))
+        assert max_diff(one, unet_weights(tiny_model_dir / "unet")) > 1e-4  # it trained
+    assert max_diff(two, one) <= 1e-6
