@@ -153,7 +153,8 @@ def finetune_overrides(out: Path, data: dict[str, Path], s: DemoSettings, method
         *_unet_common(out, s), f"model.pretrained_model_name_or_path={out / 'unet' / 'pipeline'}",
         # Replaying base images while learning the new word limits forgetting of the old ones.
         f"data.train_data_dir={data['base'] / 'train'}", f"data.max_train_samples={s.replay_images}",
-        f"dreambooth.instance_data_dir={data['new'] / 'train'}", f"dreambooth.instance_repeats={s.new_concept_repeats}",
+        f"dreambooth.instance_data_dir={data['new'] / 'train'}",
+        f"dreambooth.instance_repeats={s.new_concept_repeats}",
         f"data.validation_data_dir={data['new'] / 'validation'}", f"training.max_train_steps={steps}",
         "training.lr_warmup_steps=10", f"checkpointing.checkpointing_steps={max(1, steps // 2)}",
         f"validation.validation_steps={max(1, steps // 2)}", *FINETUNE_METHODS[method], *extra,

@@ -196,6 +196,8 @@ def _target(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
+_FINETUNED = {True: "`finetune/pytorch_lora_weights.safetensors` (a LoRA on `unet/pipeline`).",
+              False: "`finetune/pipeline`."}  # fmt: skip
 _METHOD_TEXT = {
     "attn2": "`attn2`: only the UNet's cross-attention trains",
     "full": "every UNet weight trains",
@@ -232,8 +234,7 @@ def _write_markdown(out: Path, s, r: dict, base: dict, rows: list[dict], curves:
         "![prompts x samplers](grid.png)", "", "Forward diffusion (0, 25, 50, 70, 100 % noise):", "",
         "![forward](forward.png)", "", "Denoising trajectory (decoded x0 predictions):", "", "![trajectory](trajectory.png)",
         "", "## Loss curves", "", *[f"![{p.stem}]({p.name})" for p in curves], "",
-        "Models: `vae/pipeline`, `unet/pipeline` (base), and the new concept in "
-        + ("`finetune/pytorch_lora_weights.safetensors` (a LoRA on `unet/pipeline`)." if r["finetune_method"].startswith("lora")
-           else "`finetune/pipeline`."),
+        "Models: `vae/pipeline`, `unet/pipeline` (base), and the new concept in " + _FINETUNED[
+            r["finetune_method"].startswith("lora")],
     ]  # fmt: skip
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -6,8 +6,9 @@ writes two files into a folder:
 - `pytorch_lora_weights.safetensors`: through peft's `get_peft_model_state_dict` and diffusers' `save_lora_weights`,
   which also stores each adapter's `LoraConfig` (rank, alpha, DoRA, targets) in the header, so a loader rebuilds it
   exactly. `load_lora_into_adapters` reads it back to resume a run.
-- `lora_kohya.safetensors`: the kohya-ss naming that AUTOMATIC1111 and ComfyUI read (`lora_unet_..._to_q.lora_down.weight`,
-  `.lora_up.weight`, `.alpha`; `lora_te_text_model_encoder_layers_0_self_attn_q_proj...` for the text encoder).
+- `lora_kohya.safetensors`: the kohya-ss naming that AUTOMATIC1111 and ComfyUI read
+  (`lora_unet_..._to_q.lora_down.weight`, `.lora_up.weight`, `.alpha`;
+  `lora_te_text_model_encoder_layers_0_self_attn_q_proj...` for the text encoder).
 
 Both headers carry the training metadata as kohya-ss `train_network.py` writes it (`ss_*` keys) and the Stability AI
 ModelSpec keys (`modelspec.*`, https://github.com/Stability-AI/ModelSpec, as kohya-ss `library/sai_model_spec.py`).

@@ -32,6 +32,7 @@ from ldm_tune.data.dataset import STREAM_MODEL, item_seed
 from ldm_tune.data.loaders import build_loaders
 from ldm_tune.data.streaming import MainProcessStream
 from ldm_tune.finetune import LORA_WEIGHT_NAME, make_method
+from ldm_tune.guards import NonFiniteLossError, UpdateGuardMixin
 from ldm_tune.io_utils import save_atomically
 from ldm_tune.losses import denoising_loss, draw
 from ldm_tune.tracking import MetricsLogger, make_accelerator_trackers
@@ -39,10 +40,6 @@ from ldm_tune.validation import ValidationMixin
 
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised after `max_nonfinite_steps` updates in a row skipped for a non-finite loss or gradient."""
 
 
 @dataclass
@@ -67,7 +64,7 @@ class TrainState:
             setattr(self, key, value)
 
 
-class Trainer(ValidationMixin):
+class Trainer(ValidationMixin, UpdateGuardMixin):
     """Builds everything from a `TrainConfig`; `train()` runs to `max_train_steps` and exports the model.
 
     This trainer fine-tunes the UNet; `ldm_tune.vae_training.VAETrainer` reuses the loop for the VAE.
@@ -283,42 +280,6 @@ class Trainer(ValidationMixin):
         self._after_update(loss_sum / max(count - nonfinite, 1), not updated, grad_norm)
         return True
 
-    def _count_skipped(self, reason: str, count: int = 1) -> None:
-        self.state.items_skipped += count
-        self.state.skipped_by_reason[reason] = self.state.skipped_by_reason.get(reason, 0) + count
-
-    def _empty_anywhere(self, batch: dict) -> bool:
-        """True when this micro-batch is empty here or on another process (all its items failed to load: files
-        changed since the scan). Every process then skips it together, so the gradient all-reduce and the loss
-        reduce keep pairing the same steps on every process; the items of the others are counted as skipped."""
-        acc, size = self.accelerator, len(batch["keys"])
-        if acc.num_processes == 1:
-            return size == 0
-        empty = acc.reduce(torch.tensor([float(size == 0)], device=acc.device), reduction="sum").item()
-        if empty and size:
-            self._count_skipped("empty_batch_on_another_process", size)
-        return empty > 0
-
-    def _clip_gradients(self) -> torch.Tensor | None:
-        """Clip to `max_grad_norm` (when > 0); returns the gradients' norm (None under DeepSpeed, which checks them).
-
-        The norm is computed even with clipping off: in bf16 or fp32 a finite loss can still give inf or NaN
-        gradients, which would write NaN into the weights, the optimizer state and the EMA.
-        """
-        t = self.config.training
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        return self.accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
-
-    def _step(self, skip: bool) -> bool:
-        """Step the optimizer unless `skip`; True when the weights were updated (the fp16 GradScaler may skip too)."""
-        scaler = self.accelerator.scaler
-        if skip:
-            if scaler is not None:  # its unscale_ ran in clipping: close the step, lowering the scale on overflow
-                scaler.update()
-            return False
-        self.optimizer.step()
-        return not self.accelerator.optimizer_step_was_skipped
-
     def forward_backward(self, batch: dict) -> torch.Tensor:
         """Loss of one micro-batch, back-propagated (Accelerate scales it for accumulation and mixed precision)."""
         # Randomness inside the model (dropout, e.g. `lora_dropout`) is keyed by the micro-batch's position like
@@ -389,26 +350,6 @@ class Trainer(ValidationMixin):
         if last or state.global_step % cfg.checkpointing.checkpointing_steps == 0:
             self.save()
         self.step_started = time.perf_counter()  # validation and saving are not training time
-
-    def _count_nonfinite(self, skipped: bool) -> None:
-        state = self.state
-        if not skipped:
-            state.nonfinite_in_row = 0
-            return
-        state.nonfinite_in_row += 1
-        state.nonfinite_total += 1
-        logger.warning(
-            "Non-finite loss or gradients at step %d: update skipped (%d in a row).",
-            state.global_step,
-            state.nonfinite_in_row,
-        )
-        if state.nonfinite_in_row >= self.config.training.max_nonfinite_steps:
-            last = self.checkpoints.latest()
-            raise NonFiniteLossError(
-                f"The loss or the gradients were not finite for {state.nonfinite_in_row} updates in a row, the last at step "
-                f"{state.global_step}; stopping. Last good checkpoint: {str(last) if last else 'none'}. Try a lower "
-                "`training.learning_rate`, bf16 instead of fp16, or `training.max_grad_norm`."
-            )
 
     # ------------------------------------------------------------------------------------------ save, finish
     @contextlib.contextmanager
@@ -502,3 +443,6 @@ def make_trainer(config: TrainConfig) -> Trainer:
 def train(config: TrainConfig) -> dict:
     """Train with `config` and return a summary (steps, losses)."""
     return make_trainer(config).train()
+
+
+__all__ = ["NonFiniteLossError", "Trainer", "make_trainer", "train"]
