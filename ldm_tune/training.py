@@ -55,6 +55,7 @@ class TrainState:
     best_val_step: int | None = None
     items_skipped: int = 0  # items skipped during training: streamed bad samples, or files changed since the scan
     skipped_by_reason: dict = field(default_factory=dict)
+    layout: dict = field(default_factory=dict)  # what positions mean: processes, batch, accumulation, items
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -214,8 +215,10 @@ class Trainer(ValidationMixin, UpdateGuardMixin):
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self._config_path())
         self.checkpoints.remove_partial()
+        self.state.layout = self._layout()
         if self.resume_path is not None:
             acc.load_state(str(self.resume_path))
+            self._check_layout()
             logger.info("Resumed from %s at step %d", self.resume_path, self.state.global_step)
         acc.init_trackers(self.config.logging.tracker_project_name, config=_flat_scalars(to_dict(self.config)))
         try:
@@ -223,6 +226,27 @@ class Trainer(ValidationMixin, UpdateGuardMixin):
             return self.finish()
         finally:
             acc.end_training()  # also ends the process group: nothing collective may follow
+
+    def _layout(self) -> dict:
+        t = self.config.training
+        return {"processes": self.accelerator.num_processes, "train_batch_size": t.train_batch_size,
+                "gradient_accumulation_steps": t.gradient_accumulation_steps, "train_items": self.train_items}  # fmt: skip
+
+    def _check_layout(self) -> None:
+        """Refuse to resume a checkpoint written with another layout (on every process alike: all read the same).
+
+        The saved data position counts batches of that layout and the LR schedule counts its updates: under another
+        process count, batch size, accumulation or item count the run would silently skip or repeat items and
+        move the schedule. (A checkpoint from before layouts were recorded has none and is resumed as it is.)
+        """
+        saved, current = self.state.layout, self._layout()
+        if saved and saved != current:
+            raise ValueError(
+                f"`checkpointing.resume_from_checkpoint` {str(self.resume_path)!r} was written by a run with {saved}; "
+                f"this run has {current}. Resuming across another layout would skip or repeat items and misplace "
+                "the learning-rate schedule: resume with the same process count, `training.train_batch_size`, "
+                "`training.gradient_accumulation_steps` and data, or start a new `output_dir`."
+            )
 
     def _config_path(self) -> Path:
         # Keep the config of every (re)start: a resumed run with changed settings does not hide the original.

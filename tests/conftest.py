@@ -118,13 +118,13 @@ def straight_and_resumed(make_config, tmp_path, monkeypatch):
 def run_two_processes(tmp_path):
     """`run_two_processes(worker, overrides, processes=2, out=tmp_path)`: run tests/<worker> under torchrun with
     CPU processes (gloo), one thread each, as `worker out *overrides`; returns what each rank wrote to
-    out/rank<r>.json."""
+    out/rank<r>.json (with `fails=True`: asserts that it failed and returns its stderr)."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
-    def run(worker: str, overrides: list[str], processes: int = 2, out: Path | None = None) -> list[dict]:
+    def run(worker: str, overrides: list[str], processes: int = 2, out: Path | None = None, fails: bool = False):
         out = out or tmp_path
         out.mkdir(parents=True, exist_ok=True)
         torchrun = Path(sys.executable).parent / "torchrun"
@@ -132,6 +132,9 @@ def run_two_processes(tmp_path):
         command = [str(torchrun), "--standalone", f"--nproc_per_node={processes}",
                    str(Path(__file__).with_name(worker)), str(out), *overrides]  # fmt: skip
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        if fails:  # expected to stop with an error: return what it said
+            assert result.returncode != 0
+            return result.stderr
         assert result.returncode == 0, result.stderr[-3000:]
         return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(processes)]
 

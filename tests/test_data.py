@@ -382,3 +382,26 @@ def test_cache_files_are_kept_in_memory_up_to_the_budget(tmp_path):
     latents.path("ab" * 32, (32, 32)).unlink()
     with pytest.raises(FileNotFoundError):
         latents.load("ab" * 32, (32, 32), flip=False)
+
+
+def test_an_interrupted_scan_keeps_what_it_decoded(shapes_dir, tmp_path, monkeypatch):
+    """The scan of a large corpus writes its cache as it goes: a retry after a failure (or a kill) resumes it."""
+    from ldm_tune.config import DataConfig
+    from ldm_tune.data import scan
+
+    cfg = DataConfig(train_data_dir=str(shapes_dir / "train"), resolution=32)
+    original, calls = scan._decode_facts, []
+
+    def fails_at_the_fifth(source, index):
+        calls.append(index)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return original(source, index)
+
+    monkeypatch.setattr(scan, "_decode_facts", fails_at_the_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(cfg, cache_dir=tmp_path, progress=False, workers=1)
+    calls.clear()
+    monkeypatch.setattr(scan, "_decode_facts", lambda source, index: calls.append(index) or original(source, index))
+    data = prepare_data(cfg, cache_dir=tmp_path, progress=False, workers=1)
+    assert len(data.train.items) == 12 and len(calls) == 12 - 4  # the 4 decoded before the failure were kept

@@ -370,3 +370,21 @@ def test_two_processes_train_like_one_with_accumulation(tiny_model_dir, shapes_d
         two, one = (unet_weights(tmp_path / run / "run" / "unet") for run in ("two", "one"))
         assert max_diff(one, unet_weights(tiny_model_dir / "unet")) > 1e-4  # it trained
     assert max_diff(two, one) <= 1e-6
+
+
+def test_resume_with_another_layout_stops_and_names_both(make_config, tiny_model_dir, shapes_dir, tmp_path,
+                                                         run_two_processes):  # fmt: skip
+    """A checkpoint's data position and LR schedule count batches of its own layout: another process count, batch
+    size or accumulation must not silently skip or repeat items."""
+    common = ["training.max_train_steps=2", "checkpointing.checkpointing_steps=1", "training.train_batch_size=4"]
+    Trainer(make_config(*common)).train()
+    resume = ["checkpointing.resume_from_checkpoint=latest", "training.max_train_steps=4"]
+    with pytest.raises(ValueError, match=r"written by a run with \{'processes': 1, 'train_batch_size': 4.*this run "
+                                         r"has \{'processes': 1, 'train_batch_size': 2"):  # fmt: skip
+        Trainer(make_config(*common, *resume, "training.train_batch_size=2")).train()
+    overrides = [f"model.pretrained_model_name_or_path={tiny_model_dir}", f"data.train_data_dir={shapes_dir / 'train'}",
+                 "data.resolution=32", *common, *resume, "training.lr_warmup_steps=0",
+                 f"output_dir={tmp_path / 'run'}"]  # fmt: skip
+    error = run_two_processes("two_process_worker.py", overrides, fails=True)  # 1 process -> 2 processes
+    assert "{'processes': 1," in error and "this run has {'processes': 2," in error
+    Trainer(make_config(*common, *resume)).train()  # the same layout resumes

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ldm_tune.data.images import BadItem
+
+
+SAVE_EVERY_S = 60.0  # how often a running scan writes its cache (a 1 M-entry cache takes about a second to write)
 
 
 @dataclass
@@ -166,14 +170,7 @@ def scan_source(source, cfg, tokenizer=None, cache_path: Path | None = None, wor
     cache = ScanCache(cache_path)
     keys = [_file_key(source.file(i)) if source.file(i) is not None else None for i in range(len(source))]
     todo = [i for i in range(len(source)) if keys[i] is None or keys[i] not in cache.entries]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        decoded = dict(zip(todo, tqdm(pool.map(lambda i: _decode_facts(source, i), todo), total=len(todo),
-                                      desc="checking images", disable=not progress or not todo), strict=True))  # fmt: skip
-    for i, facts in decoded.items():
-        if keys[i] is not None:
-            cache.entries[keys[i]] = facts
-    if decoded:
-        cache.save()
+    decoded = _decode_all(source, todo, keys, cache, workers, progress)
     items = []
     for i in range(len(source)):
         report.total += 1
@@ -184,6 +181,29 @@ def scan_source(source, cfg, tokenizer=None, cache_path: Path | None = None, wor
         except BadItem as error:
             report.add(report.bad, error.reason, source.origin(i))
     return items, report
+
+
+def _decode_all(source, todo: list[int], keys: list, cache: ScanCache, workers: int, progress: bool) -> dict:
+    """Decode the `todo` items in threads; the cache is saved every `SAVE_EVERY_S` seconds and when the scan stops
+    for any reason, so a scan of a large corpus that is killed or fails resumes where it was."""
+    decoded, saved_at = {}, time.monotonic()
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(lambda i: (i, _decode_facts(source, i)), todo)
+        try:
+            for i, facts in tqdm(results, total=len(todo), desc="checking images", disable=not progress or not todo):
+                decoded[i] = facts
+                if keys[i] is not None:
+                    cache.entries[keys[i]] = facts
+                if time.monotonic() - saved_at > SAVE_EVERY_S:
+                    cache.save()
+                    saved_at = time.monotonic()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # stop decoding what is left; what was decoded is kept below
+            raise
+        finally:
+            if decoded:
+                cache.save()
+    return decoded
 
 
 def _check_item(source, index: int, facts: dict, cfg, tokenizer, report: DataReport) -> ItemInfo:
