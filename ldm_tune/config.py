@@ -65,6 +65,9 @@ class DataConfig:
     max_aspect_ratio: float = _f(4.0, "Skip images more elongated than this (long side / short side); bucket limit.")
     max_image_pixels: int = _f(89_478_485, "Skip larger images as decompression bombs (PIL's default limit).")
     max_bad_fraction: float = _f(0.05, "Stop before training if more than this fraction of the items is bad.")
+    max_empty_batches: int = _f(
+        100, "Stop when this many micro-batches in a row hold no usable item (a stream of bad samples, files gone)."
+    )
     bucketing: bool = _f(False, "Aspect-ratio buckets of about resolution^2 pixels; each batch from one bucket.")
     bucket_step: int = _f(64, "Bucket sides are multiples of this many pixels.")
     cache_latents: bool = _f(False, "Encode every image (and its flip) once through the VAE and train from disk.")
@@ -466,6 +469,7 @@ def _validate_ranges(config: TrainConfig) -> None:
         "data.cache_batch_size": d.cache_batch_size,
         "data.download_workers": d.download_workers,
         "data.repeats": d.repeats,
+        "data.max_empty_batches": d.max_empty_batches,
     }
     for key, value in positive.items():
         if value is not None and value < 1:

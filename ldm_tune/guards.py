@@ -30,12 +30,25 @@ class UpdateGuardMixin:
         changed since the scan). Every process then skips it together, so the gradient all-reduce and the loss
         reduce keep pairing the same steps on every process; the items of the others are counted as skipped."""
         acc, size = self.accelerator, len(batch["keys"])
-        if acc.num_processes == 1:
-            return size == 0
-        empty = acc.reduce(torch.tensor([float(size == 0)], device=acc.device), reduction="sum").item()
-        if empty and size:
-            self._count_skipped("empty_batch_on_another_process", size)
-        return empty > 0
+        empty = size == 0
+        if acc.num_processes > 1:
+            empty = acc.reduce(torch.tensor([float(empty)], device=acc.device), reduction="sum").item() > 0
+            if empty and size:
+                self._count_skipped("empty_batch_on_another_process", size)
+        self._count_empty(empty)
+        return empty
+
+    def _count_empty(self, empty: bool) -> None:
+        """Stop a run whose data yields nothing usable (every streamed sample bad, every file gone) instead of
+        looping forever; all processes count the same micro-batches, so all stop together."""
+        state, limit = self.state, self.config.data.max_empty_batches
+        state.empty_in_row = state.empty_in_row + 1 if empty else 0
+        if state.empty_in_row >= limit:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(state.skipped_by_reason.items(), key=lambda kv: -kv[1]))
+            raise ValueError(
+                f"{state.empty_in_row} micro-batches in a row held no usable item (`data.max_empty_batches` {limit}); "
+                f"stopping at step {state.global_step}. Items skipped so far by reason: {reasons or 'none'}."
+            )
 
     def _clip_gradients(self) -> torch.Tensor | None:
         """Clip to `max_grad_norm` (when > 0); returns the gradients' norm (None under DeepSpeed, which checks them).

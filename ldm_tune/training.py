@@ -51,6 +51,7 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of `epoch` already consumed: where a resumed run picks up the data
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
+    empty_in_row: int = 0  # micro-batches in a row with no usable item on some process
     best_val_loss: float | None = None
     best_val_step: int | None = None
     items_skipped: int = 0  # items skipped during training: streamed bad samples, or files changed since the scan
@@ -133,7 +134,12 @@ class Trainer(ValidationMixin, UpdateGuardMixin):
 
     def _load_models(self) -> None:
         m, t = self.config.model, self.config.training
-        components = load_components(m.pretrained_model_name_or_path, revision=m.revision, variant=m.variant)
+        # Under DeepSpeed ZeRO-3, zero.Init would partition every model built here, and the frozen VAE and text
+        # encoder run outside DeepSpeed's engine: load outside it, as diffusers' train_text_to_image.py does (the
+        # trained UNet is partitioned when prepared).
+        plugin = self.accelerator.state.deepspeed_plugin
+        with plugin.zero3_init_context_manager(enable=False) if plugin is not None else contextlib.nullcontext():
+            components = load_components(m.pretrained_model_name_or_path, revision=m.revision, variant=m.variant)
         self.tokenizer = components.tokenizer
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
         if self.config.dreambooth.with_prior_preservation:  # from the base model, before anything trains

@@ -135,3 +135,15 @@ def test_shipped_configs_are_valid(name, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU configs ask for fp16
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
     assert config.output_dir
+
+
+@pytest.mark.parametrize("name", ["cpu", "1gpu-fp16", "multi-gpu", "deepspeed-zero2"])
+def test_shipped_accelerate_configs_parse(name):
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / f"{name}.yaml"
+    config = load_config_from_file(str(path))  # refuses unknown keys
+    if name == "deepspeed-zero2":
+        assert config.deepspeed_config["zero_stage"] == 2 and not config.deepspeed_config["zero3_init_flag"]

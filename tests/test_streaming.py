@@ -76,8 +76,9 @@ def test_shards_stream_every_good_sample_once_and_count_the_bad(tmp_path):
         keys = [int(k) for b in batches for k in b["keys"][:, 1]]
         assert len(keys) == len(set(keys)) == expected["good"]
         assert dict(Counter(r for b in batches for r in b["skipped"])) == expected["bad"]
-        shapes = {tuple(b["pixel_values"].shape[2:]) for b in batches}
-        assert len(shapes) == 2 and all(b["pixel_values"].shape[0] <= 4 for b in batches)  # one bucket per batch
+        filled = [b for b in batches if len(b["keys"])]  # a batch's worth of bad samples comes as an empty batch
+        shapes = {tuple(b["pixel_values"].shape[2:]) for b in filled}
+        assert len(shapes) == 2 and all(b["pixel_values"].shape[0] <= 4 for b in filled)  # one bucket per batch
         assert all(e == epoch for b in batches for e in b["keys"][:, 0].tolist())
 
 
@@ -152,3 +153,18 @@ def test_inspect_data_reads_a_stream(tiny_model_dir, tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert f"{expected['good'] + 4} samples, {expected['good']} kept, 4 skipped" in out and "unsafe_tar_member" in out
+
+
+def test_a_stream_of_bad_samples_stops_with_the_reasons(make_config, tmp_path):
+    """Every sample bad: the run stops after `max_empty_batches` empty micro-batches, naming why, not loops forever."""
+    from ldm_tune.training import Trainer
+
+    (tmp_path / "bad").mkdir()
+    with tarfile.open(tmp_path / "bad" / "shard-000.tar", "w") as tar:
+        for i in range(40):
+            add(tar, f"{i:04d}.png", b"not a png")
+            add(tar, f"{i:04d}.txt", b"a caption")
+    config = make_config("data.train_data_dir=null", f"data.train_shards={tmp_path / 'bad' / 'shard-000.tar'}",
+                         "training.train_batch_size=4", "training.max_train_steps=3", "data.max_empty_batches=5")  # fmt: skip
+    with pytest.raises(ValueError, match=r"5 micro-batches in a row held no usable item.*step 0.*corrupt: 20"):
+        Trainer(config).train()

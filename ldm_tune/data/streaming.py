@@ -157,6 +157,9 @@ class StreamingDataset(IterableDataset):
                 size, item = self._item(key, image, caption)
             except BadItem as error:
                 skipped.append(error.reason)
+                if len(skipped) == self.batch_size:  # a batch's worth of bad samples: report them (and progress)
+                    yield collate([]) | {"skipped": skipped}
+                    skipped = []
                 continue
             buffers.setdefault(size, []).append(item)
             if len(buffers[size]) == self.batch_size:
