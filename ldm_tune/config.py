@@ -41,7 +41,9 @@ class DataConfig:
     image_column: str = _f("image", "Column holding the image (file_name for imagefolder).")
     caption_column: str = _f("text", "Column holding the caption; a list picks one caption at random.")
     train_data_file: str | None = _f(
-        None, "JSONL or CSV of pairs: image (local path, relative to the file, or http(s) URL) and caption."
+        None,
+        "JSONL, CSV or parquet of pairs: image (local path, relative to the file, or http(s) URL) in "
+        "`image_column` and caption in `caption_column` (LAION parquet: URL, TEXT).",
     )
     train_shards: str | None = _f(
         None, "WebDataset .tar shards, streamed: a path, a brace pattern (data/{000..099}.tar) or an http(s) URL."

@@ -322,6 +322,28 @@ def test_url_list_downloads_once_and_counts_failures(image_server, tmp_path):
     assert "cached 2" in again.report.downloads and len(again.train.items) == 2
 
 
+def test_laion_style_parquet_url_list(image_server, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    base, hits = image_server
+    table = pa.table({"URL": [f"{base}/red.png", f"{base}/blue.png", None], "TEXT": ["red", "blue", "none"],
+                      "WIDTH": [40, 40, 0], "similarity": [0.3, 0.3, 0.1]})  # fmt: skip
+    pq.write_table(table, tmp_path / "part-00000.parquet")
+    config = data_config(f"data.train_data_file={tmp_path / 'part-00000.parquet'}", "data.image_column=URL",
+                         "data.caption_column=TEXT", "data.allow_private_urls=true", "data.max_bad_fraction=0.5")  # fmt: skip
+    data = prepare_data(config, progress=False, cache_dir=tmp_path / "cache")
+    assert sorted(c for i in data.train.items for c in i.captions) == ["blue", "red"]
+    assert dict(data.report.bad) == {"malformed_metadata": 1} and data.report.examples["malformed_metadata"] == [
+        "part-00000.parquet:3"
+    ]
+    assert hits["/red.png"] == hits["/blue.png"] == 1
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match="is not a readable parquet file"):
+        prepare_data(data_config(f"data.train_data_file={tmp_path / 'broken.parquet'}"), progress=False,
+                     cache_dir=tmp_path / "cache")  # fmt: skip
+
+
 def test_bucketed_resume_continues_exactly(straight_and_resumed, tmp_path):
     from safetensors.torch import load_file
 

@@ -74,7 +74,7 @@ def _read(cfg: DataConfig, folder: str | None, cache_dir: Path, report: DataRepo
     if folder is not None:
         return _file_source(*read_image_folder(folder, cfg.caption_column, key=key), cfg, cache_dir, report, progress)
     if cfg.train_data_file is not None:
-        records = read_pair_list(cfg.train_data_file, cfg.caption_column)
+        records = read_pair_list(cfg.train_data_file, cfg.caption_column, cfg.image_column)
         return _file_source(*records, cfg, cache_dir, report, progress, reuse_failures)
     return HFDatasetSource.from_config(cfg)
 

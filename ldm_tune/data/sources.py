@@ -121,6 +121,24 @@ def _inside(root: Path, path: Path) -> bool:
         return False
 
 
+def _read_parquet_rows(path: Path, columns: list[str]) -> list[tuple[str, object]]:
+    """(origin, row dict) for each row of a parquet file (e.g. LAION's `URL`, `TEXT`), reading only `columns`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+        wanted = [c for c in dict.fromkeys(columns) if c in table.schema_arrow.names]
+        rows, number = [], 0
+        for batch in table.iter_batches(columns=wanted, batch_size=65536):
+            for row in batch.to_pylist():
+                number += 1
+                rows.append((f"{path.name}:{number}", row))
+    except (OSError, pa.ArrowException) as error:
+        raise ValueError(f"`data.train_data_file` {str(path)!r} is not a readable parquet file: {error}") from error
+    return rows
+
+
 def _read_rows(path: Path) -> list[tuple[str, object]]:
     """(origin, row dict or None when malformed) for each line of a .jsonl or each row of a .csv file."""
     if path.suffix == ".csv":
@@ -239,16 +257,26 @@ class ConcatSource:
         return self.sources[k].load(i, fixes)
 
 
-def read_pair_list(path: str | Path, caption_column: str = "text") -> tuple[list[Record], list[tuple[str, str]]]:
-    """Records of a JSONL/CSV list of (image path or URL, caption) pairs."""
+def read_pair_list(path: str | Path, caption_column: str = "text",
+                   image_column: str = "image") -> tuple[list[Record], list[tuple[str, str]]]:  # fmt: skip
+    """Records of a JSONL, CSV or parquet list of (image path or URL, caption) pairs.
+
+    The image is in `image_column` (LAION's parquet lists: `URL`), else in the first of `IMAGE_KEYS` a row has; the
+    caption in `caption_column` (LAION: `TEXT`), else in `caption`.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"`data.train_data_file` {str(path)!r} does not exist.")
-    if path.suffix not in (".jsonl", ".csv"):
-        raise ValueError(f"`data.train_data_file` must be a .jsonl or .csv file, got {str(path)!r}.")
+    if path.suffix not in (".jsonl", ".csv", ".parquet"):
+        raise ValueError(f"`data.train_data_file` must be a .jsonl, .csv or .parquet file, got {str(path)!r}.")
+    keys = (image_column, *IMAGE_KEYS)
+    if path.suffix == ".parquet":
+        rows = _read_parquet_rows(path, [*keys, caption_column, "caption"])
+    else:
+        rows = _read_rows(path)
     records, bad = [], []
-    for origin, row in _read_rows(path):
-        image = next((row[k] for k in IMAGE_KEYS if row and row.get(k)), None) if row else None
+    for origin, row in rows:
+        image = next((row[k] for k in keys if row and row.get(k)), None) if row else None
         if not isinstance(image, str):
             bad.append((origin, "malformed_metadata"))
             continue
