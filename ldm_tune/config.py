@@ -67,6 +67,11 @@ class DataConfig:
     max_aspect_ratio: float = _f(4.0, "Skip images more elongated than this (long side / short side); bucket limit.")
     max_image_pixels: int = _f(89_478_485, "Skip larger images as decompression bombs (PIL's default limit).")
     max_bad_fraction: float = _f(0.05, "Stop before training if more than this fraction of the items is bad.")
+    verify: str = _f(
+        "upfront",
+        "upfront: decode every image before step 1 (complete report); lazy: check captions up front and "
+        "each image when first loaded (bad ones skipped and counted), so training starts without a decode pass.",
+    )
     max_empty_batches: int = _f(
         100, "Stop when this many micro-batches in a row hold no usable item (a stream of bad samples, files gone)."
     )
@@ -221,6 +226,7 @@ CHOICES = {
     "training.lr_scheduler": (
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
     ),
+    "data.verify": ("upfront", "lazy"),
     "data.image_interpolation_mode": ("lanczos", "bicubic", "bilinear", "box", "nearest", "hamming"),
     "logging.report_to": ("none", "tensorboard", "wandb", "all"),
 }  # fmt: skip
@@ -370,6 +376,12 @@ def _validate_sources(d: DataConfig, t: TrainingConfig, db: DreamBoothConfig) ->
         raise ValueError(
             "`data.cache_latents` needs a fixed crop: set `data.center_crop: true`; a random crop changes the "
             "latent at every epoch."
+        )
+    if d.verify == "lazy" and (d.bucketing or d.cache_latents):
+        raise ValueError(
+            "`data.verify: lazy` does not read image sizes or contents before training, which "
+            f"`data.bucketing` ({d.bucketing}) and `data.cache_latents` ({d.cache_latents}) need: turn them off or "
+            "use `data.verify: upfront`."
         )
     if d.max_aspect_ratio < 1:
         raise ValueError(f"`data.max_aspect_ratio` must be >= 1, got {d.max_aspect_ratio}.")

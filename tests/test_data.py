@@ -427,3 +427,32 @@ def test_an_interrupted_scan_keeps_what_it_decoded(shapes_dir, tmp_path, monkeyp
     monkeypatch.setattr(scan, "_decode_facts", lambda source, index: calls.append(index) or original(source, index))
     data = prepare_data(cfg, cache_dir=tmp_path, progress=False, workers=1)
     assert len(data.train.items) == 12 and len(calls) == 12 - 4  # the 4 decoded before the failure were kept
+
+
+def test_lazy_verification_starts_without_decoding_and_skips_bad_images_when_loaded(make_config, shapes_dir,
+                                                                                    tmp_path, monkeypatch):  # fmt: skip
+    import shutil
+
+    from ldm_tune.data import sources
+    from ldm_tune.training import Trainer
+
+    root = tmp_path / "lazy"
+    shutil.copytree(shapes_dir / "train", root)
+    (root / "broken.png").write_bytes(b"not a png")
+    png(root / "tiny.png", (4, 4))
+    with open(root / "metadata.jsonl", "a") as handle:
+        handle.write("\n" + json.dumps({"file_name": "broken.png", "text": "broken"}))
+        handle.write("\n" + json.dumps({"file_name": "tiny.png", "text": "tiny"}) + "\n")
+    decodes = []
+    original = sources.decode_image
+    monkeypatch.setattr(sources, "decode_image", lambda *a, **k: decodes.append(a[0]) or original(*a, **k))
+    config = make_config(f"data.train_data_dir={root}", "data.verify=lazy", "data.min_image_size=16",
+                         "training.train_batch_size=14", "training.max_train_steps=1")  # fmt: skip
+    trainer = Trainer(config)
+    assert decodes == [] and len(trainer.train_loader.dataset) == 14  # no image opened before training
+    batch = next(iter(trainer.train_loader))
+    assert len(batch["keys"]) == 12 and sorted(batch["skipped"]) == ["corrupt", "too_small"]  # skipped, not replaced
+    trainer.train()
+    assert trainer.state.skipped_by_reason == {"corrupt": 1, "too_small": 1}
+    with pytest.raises(ValueError, match="`data.verify: lazy` does not read image sizes"):
+        make_config("data.verify=lazy", "data.bucketing=true")

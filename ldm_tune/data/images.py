@@ -51,6 +51,14 @@ def to_rgb(image: Image.Image, fixes: list[str] | None = None) -> Image.Image:
     return image.convert("RGB")
 
 
+def check_size(width: int, height: int, min_size: int, max_aspect: float) -> None:
+    """Raise `BadItem` for an image below `min_size` pixels on its short side or more elongated than `max_aspect`."""
+    if min(width, height) < min_size:
+        raise BadItem("too_small", f"{width}x{height}")
+    if max(width, height) / min(width, height) > max_aspect:
+        raise BadItem("extreme_aspect_ratio", f"{width}x{height}")
+
+
 def decode_image(data: bytes | Path | str, max_pixels: int, fixes: list[str] | None = None) -> Image.Image:
     """Open, fully decode and convert an image from bytes or a path; raises `BadItem` with the reason."""
     if isinstance(data, (str, Path)):

@@ -30,6 +30,7 @@ from ldm_tune.data.sources import (
     read_image_folder,
     read_pair_list,
     resolve_urls,
+    size_limits,
 )
 
 
@@ -66,7 +67,7 @@ def _file_source(records, bad, cfg: DataConfig, cache_dir: Path, report: DataRep
     for origin, reason in bad + failed:
         report.total += 1
         report.add(report.bad, reason, origin)
-    return RecordSource(records, cfg.max_image_pixels)
+    return RecordSource(records, cfg.max_image_pixels, size_limits(cfg))
 
 
 def _read(cfg: DataConfig, folder: str | None, cache_dir: Path, report: DataReport, progress: bool,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ldm_tune.data.images import BadItem
+from ldm_tune.data.images import BadItem, check_size
 
 
 SAVE_EVERY_S = 60.0  # how often a running scan writes its cache (a 1 M-entry cache takes about a second to write)
@@ -165,8 +165,14 @@ class ScanCache:
 
 def scan_source(source, cfg, tokenizer=None, cache_path: Path | None = None, workers: int = 4,
                 progress: bool = True, report: DataReport | None = None) -> tuple[list[ItemInfo], DataReport]:  # fmt: skip
-    """Check every item of `source`; return the usable ones and the report."""
+    """Check every item of `source`; return the usable ones and the report.
+
+    `data.verify: lazy` checks only the captions here; each image is checked when first loaded (its source carries
+    the size limits, see `ldm_tune.data.pipeline`), so training starts without a decode pass over the corpus.
+    """
     report = report or DataReport()
+    if getattr(cfg, "verify", "upfront") == "lazy":
+        return _captions_only(source, report), report
     cache = ScanCache(cache_path)
     keys = [_file_key(source.file(i)) if source.file(i) is not None else None for i in range(len(source))]
     todo = [i for i in range(len(source)) if keys[i] is None or keys[i] not in cache.entries]
@@ -181,6 +187,19 @@ def scan_source(source, cfg, tokenizer=None, cache_path: Path | None = None, wor
         except BadItem as error:
             report.add(report.bad, error.reason, source.origin(i))
     return items, report
+
+
+def _captions_only(source, report: DataReport) -> list[ItemInfo]:
+    # Width and height 0: not known until loaded (no buckets, no latent cache: the config refuses both with lazy).
+    items = []
+    for i in range(len(source)):
+        report.total += 1
+        try:
+            items.append(ItemInfo(i, 0, 0, "", check_captions(source.caption(i))))
+            report.kept += 1
+        except BadItem as error:
+            report.add(report.bad, error.reason, source.origin(i))
+    return items
 
 
 def _decode_all(source, todo: list[int], keys: list, cache: ScanCache, workers: int, progress: bool) -> dict:
@@ -211,10 +230,7 @@ def _check_item(source, index: int, facts: dict, cfg, tokenizer, report: DataRep
         raise BadItem(facts["reason"])
     captions = check_captions(source.caption(index))
     width, height = facts["width"], facts["height"]
-    if min(width, height) < cfg.min_image_size:
-        raise BadItem("too_small", f"{width}x{height}")
-    if max(width, height) / min(width, height) > cfg.max_aspect_ratio:
-        raise BadItem("extreme_aspect_ratio", f"{width}x{height}")
+    check_size(width, height, cfg.min_image_size, cfg.max_aspect_ratio)
     for fix in facts["fixes"]:
         report.add(report.fixes, fix, source.origin(index))
     if tokenizer is not None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ldm_tune.config import DataConfig
-from ldm_tune.data.images import BadItem, decode_image
+from ldm_tune.data.images import BadItem, check_size, decode_image
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -40,8 +40,8 @@ class Record:
 class RecordSource:
     """Items whose images are local files."""
 
-    def __init__(self, records: list[Record], max_pixels: int = MAX_PIXELS_DEFAULT):
-        self.records, self.max_pixels = records, max_pixels
+    def __init__(self, records: list[Record], max_pixels: int = MAX_PIXELS_DEFAULT, limits: tuple | None = None):
+        self.records, self.max_pixels, self.limits = records, max_pixels, limits
 
     def __len__(self) -> int:
         return len(self.records)
@@ -57,13 +57,14 @@ class RecordSource:
 
     def load(self, index: int, fixes: list[str] | None = None):
         record = self.records[index]
-        return decode_image(record.image, self.max_pixels, fixes), record.caption
+        return _checked(decode_image(record.image, self.max_pixels, fixes), self.limits), record.caption
 
 
 class HFDatasetSource:
     """Any Hugging Face `datasets` dataset (hub name, local script/data folder, or a `save_to_disk` folder)."""
 
-    def __init__(self, dataset, image_column: str, caption_column: str, max_pixels: int = MAX_PIXELS_DEFAULT):
+    def __init__(self, dataset, image_column: str, caption_column: str, max_pixels: int = MAX_PIXELS_DEFAULT,
+                 limits: tuple | None = None):  # fmt: skip
         missing = [c for c in (image_column, caption_column) if c not in dataset.column_names]
         if missing:
             raise ValueError(f"Dataset columns {missing} not found; the dataset has {dataset.column_names}.")
@@ -73,7 +74,7 @@ class HFDatasetSource:
         if isinstance(dataset.features[image_column], datasets.Image):
             dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
         self.dataset, self.image_column, self.caption_column = dataset, image_column, caption_column
-        self.max_pixels = max_pixels
+        self.max_pixels, self.limits = max_pixels, limits
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -94,7 +95,7 @@ class HFDatasetSource:
             value = value.get("bytes") or value.get("path")
         if value is None:
             raise BadItem("missing_file", f"row {index} has no image")
-        return decode_image(value, self.max_pixels, fixes), row[self.caption_column]
+        return _checked(decode_image(value, self.max_pixels, fixes), self.limits), row[self.caption_column]
 
     @classmethod
     def from_config(cls, cfg: DataConfig, split: str | None = None) -> HFDatasetSource:
@@ -109,7 +110,19 @@ class HFDatasetSource:
             dataset = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
         else:
             dataset = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, split=split)
-        return cls(dataset, cfg.image_column, cfg.caption_column, cfg.max_image_pixels)
+        return cls(dataset, cfg.image_column, cfg.caption_column, cfg.max_image_pixels, size_limits(cfg))
+
+
+def size_limits(cfg: DataConfig) -> tuple[int, float] | None:
+    """The size rules a source applies when it loads an image: with `data.verify: lazy` only (the upfront scan
+    applies them from its cached decode facts)."""
+    return (cfg.min_image_size, cfg.max_aspect_ratio) if cfg.verify == "lazy" else None
+
+
+def _checked(image, limits: tuple[int, float] | None):
+    if limits is not None:
+        check_size(image.width, image.height, *limits)
+    return image
 
 
 def _inside(root: Path, path: Path) -> bool:
