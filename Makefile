@@ -42,6 +42,7 @@ bench: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_training.py --out outputs/bench/training.json
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_data.py --out outputs/bench/data.json
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_lora.py --out outputs/bench/lora.json
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_corpus.py --out outputs/bench/corpus.json
 
 # configs/tiny.yaml end to end on the CPU: builds the tiny model and the shapes data when missing.
 train-tiny: install
