@@ -30,7 +30,7 @@ IMAGE_KEYS = ("image", "image_url", "file_name", "url", "path")
 MAX_PIXELS_DEFAULT = 89_478_485
 
 
-@dataclass
+@dataclass(slots=True)  # millions of these in a large list: no per-object __dict__
 class Record:
     image: str  # a local path (absolute) or an http(s) URL
     caption: object  # str, list of str, or None when missing
