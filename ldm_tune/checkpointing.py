@@ -13,6 +13,8 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ldm_tune.io_utils import replace_folder
@@ -93,6 +95,50 @@ class CheckpointManager:
         for _, path in complete[: max(0, len(complete) - self.total_limit)]:
             logger.info("Removing old checkpoint %s (checkpoints_total_limit=%d)", path, self.total_limit)
             shutil.rmtree(path)
+
+
+@dataclass
+class TrainState:
+    """Counters saved with every checkpoint (registered with `accelerator.register_for_checkpointing`)."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed: where a resumed run picks up the data
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+    empty_in_row: int = 0  # micro-batches in a row with no usable item on some process
+    best_val_loss: float | None = None
+    best_val_step: int | None = None
+    items_skipped: int = 0  # items skipped during training: streamed bad samples, or files changed since the scan
+    skipped_by_reason: dict = field(default_factory=dict)
+    layout: dict = field(default_factory=dict)  # what positions mean: processes, batch, accumulation, items
+    stream: dict = field(default_factory=dict)  # the main process's position in a streamed source (shards)
+    stream_position: Callable[[], dict] | None = field(default=None, repr=False)  # reads `stream`; not saved
+
+    def state_dict(self) -> dict:
+        if self.stream_position is not None:  # read at save time: where the stream stands after the consumed batches
+            self.stream = self.stream_position()
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "stream_position"}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def check_layout(saved: dict, current: dict, resume_path) -> None:
+    """Refuse to resume a checkpoint written with another layout (on every process alike: all read the same).
+
+    The saved data position counts batches of that layout and the LR schedule counts its updates: under another
+    process count, batch size, accumulation or item count the run would silently skip or repeat items and move the
+    schedule. (A checkpoint from before layouts were recorded has none and is resumed as it is.)
+    """
+    if saved and saved != current:
+        raise ValueError(
+            f"`checkpointing.resume_from_checkpoint` {str(resume_path)!r} was written by a run with {saved}; this "
+            f"run has {current}. Resuming across another layout would skip or repeat items and misplace the "
+            "learning-rate schedule: resume with the same process count, `training.train_batch_size`, "
+            "`training.gradient_accumulation_steps` and data, or start a new `output_dir`."
+        )
 
 
 def write_model_card(path: Path, config: dict, summary: dict) -> None:

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ldm_tune.checkpointing import CheckpointManager, write_model_card
+from ldm_tune.checkpointing import CheckpointManager, TrainState, check_layout, write_model_card
 from ldm_tune.components import freeze, load_components, save_model_folder, vae_space_to_latents
 from ldm_tune.config import TrainConfig, save_config, to_dict
 from ldm_tune.data.dataset import STREAM_MODEL, item_seed
@@ -40,30 +39,6 @@ from ldm_tune.validation import ValidationMixin
 
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainState:
-    """Counters saved with every checkpoint (registered with `accelerator.register_for_checkpointing`)."""
-
-    global_step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0  # batches of `epoch` already consumed: where a resumed run picks up the data
-    nonfinite_in_row: int = 0
-    nonfinite_total: int = 0
-    empty_in_row: int = 0  # micro-batches in a row with no usable item on some process
-    best_val_loss: float | None = None
-    best_val_step: int | None = None
-    items_skipped: int = 0  # items skipped during training: streamed bad samples, or files changed since the scan
-    skipped_by_reason: dict = field(default_factory=dict)
-    layout: dict = field(default_factory=dict)  # what positions mean: processes, batch, accumulation, items
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
 
 
 class Trainer(ValidationMixin, UpdateGuardMixin):
@@ -224,7 +199,7 @@ class Trainer(ValidationMixin, UpdateGuardMixin):
         self.state.layout = self._layout()
         if self.resume_path is not None:
             acc.load_state(str(self.resume_path))
-            self._check_layout()
+            check_layout(self.state.layout, self._layout(), self.resume_path)
             logger.info("Resumed from %s at step %d", self.resume_path, self.state.global_step)
         acc.init_trackers(self.config.logging.tracker_project_name, config=_flat_scalars(to_dict(self.config)))
         try:
@@ -237,22 +212,6 @@ class Trainer(ValidationMixin, UpdateGuardMixin):
         t = self.config.training
         return {"processes": self.accelerator.num_processes, "train_batch_size": t.train_batch_size,
                 "gradient_accumulation_steps": t.gradient_accumulation_steps, "train_items": self.train_items}  # fmt: skip
-
-    def _check_layout(self) -> None:
-        """Refuse to resume a checkpoint written with another layout (on every process alike: all read the same).
-
-        The saved data position counts batches of that layout and the LR schedule counts its updates: under another
-        process count, batch size, accumulation or item count the run would silently skip or repeat items and
-        move the schedule. (A checkpoint from before layouts were recorded has none and is resumed as it is.)
-        """
-        saved, current = self.state.layout, self._layout()
-        if saved and saved != current:
-            raise ValueError(
-                f"`checkpointing.resume_from_checkpoint` {str(self.resume_path)!r} was written by a run with {saved}; "
-                f"this run has {current}. Resuming across another layout would skip or repeat items and misplace "
-                "the learning-rate schedule: resume with the same process count, `training.train_batch_size`, "
-                "`training.gradient_accumulation_steps` and data, or start a new `output_dir`."
-            )
 
     def _config_path(self) -> Path:
         # Keep the config of every (re)start: a resumed run with changed settings does not hide the original.
@@ -268,11 +227,15 @@ class Trainer(ValidationMixin, UpdateGuardMixin):
         # loss sum, micro-batch count, non-finite losses, non-finite gradient norms
         self.window = torch.zeros(4, device=self.accelerator.device)
         self.step_started = time.perf_counter()
+        self.state.stream_position = self.train_loader.state_dict if self.streaming else None
         while self.state.global_step < self.max_train_steps:
             self.sampler.start_epoch(self.state.epoch)
-            loader = self.train_loader
-            if self.state.batch_in_epoch and self.streaming:  # a stream can only be read past, in order
-                loader = itertools.islice(iter(self.train_loader), self.state.batch_in_epoch, None)
+            loader, state = self.train_loader, self.state
+            # A stream resumes at the position its checkpoint recorded; without one (a Hugging Face stream, an older
+            # checkpoint) it can only be read past, in order.
+            if state.batch_in_epoch and self.streaming:
+                if not loader.load_state_dict(state.stream, state.epoch, state.batch_in_epoch):
+                    loader = itertools.islice(iter(self.train_loader), state.batch_in_epoch, None)
             elif self.state.batch_in_epoch:
                 loader = self.accelerator.skip_first_batches(self.train_loader, self.state.batch_in_epoch)
             for batch in loader:

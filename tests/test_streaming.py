@@ -1,10 +1,12 @@
 import io
+import itertools
 import json
 import tarfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from ldm_tune.config import load_config
@@ -168,3 +170,127 @@ def test_a_stream_of_bad_samples_stops_with_the_reasons(make_config, tmp_path):
                          "training.train_batch_size=4", "training.max_train_steps=3", "data.max_empty_batches=5")  # fmt: skip
     with pytest.raises(ValueError, match=r"5 micro-batches in a row held no usable item.*step 0.*corrupt: 20"):
         Trainer(config).train()
+
+
+# ------------------------------------------------------------------------------------- resuming a stream exactly
+def shard_stream(shards: list[str], batch_size: int = 3) -> StreamingDataset:
+    """A bucketed stream over the shards with keyed flips and caption dropout, as the trainer builds it."""
+    cfg = data_cfg(
+        f"data.train_shards={shards[0]}", "data.resolution=32", "data.bucketing=true", "data.bucket_step=16"
+    )
+    transforms = TextImageDataset(None, [], [], build_tokenizer(), random_flip=True, caption_dropout=0.3)
+
+    def samples(epoch, start=None):
+        return webdataset_samples(shards, "text", 0, epoch, start)
+
+    return StreamingDataset(samples, transforms, cfg, batch_size=batch_size, positions=True)
+
+
+def assert_same_batches(got: list[dict], expected: list[dict]) -> None:
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert a.keys() == b.keys() and a["skipped"] == b["skipped"]
+        assert all(torch.equal(a[k], b[k]) for k in a if k != "skipped"), a["keys"]
+
+
+def test_a_stream_resumes_at_its_position_without_reading_consumed_samples(tmp_path, monkeypatch):
+    """Cut after every batch: the resumed stream yields the rest exactly, opens no earlier shard and builds (decodes)
+    only the samples still pending in the bucket buffers and those after the position, never a consumed one."""
+    import ldm_tune.data.streaming as streaming
+
+    make_shards(tmp_path / "shards", shards=4)
+    shards = expand_shards(str(tmp_path / "shards" / "shard-{000..003}.tar"))
+    opened, built = [], []
+    read_shard, item = streaming.read_shard, StreamingDataset._item
+    monkeypatch.setattr(streaming, "read_shard", lambda url, handler: opened.append(url) or read_shard(url, handler))
+    monkeypatch.setattr(StreamingDataset, "_item", lambda self, key, *a: built.append(key) or item(self, key, *a))
+    straight = shard_stream(shards)
+    straight.start_epoch(1)
+    expected, every_read = list(straight), list(built)
+    order, pending_seen, mid_shard_seen = streaming.shard_order(shards, 0, 1), 0, 0
+    for cut in range(1, len(expected) + 1):
+        first = shard_stream(shards)
+        first.start_epoch(1)
+        built.clear()
+        head = list(itertools.islice(iter(first), cut))
+        state, read_before = first.state_dict(), len(built)
+        assert (state["epoch"], state["batches"]) == (1, cut)
+        pending = [raw[0] for _, raws in state["buffers"] for raw in raws]
+        pending_seen, mid_shard_seen = pending_seen + len(pending), mid_shard_seen + (state["source"]["offset"] > 0)
+        opened.clear(), built.clear()
+        resumed = shard_stream(shards)
+        resumed.load_state_dict(state)
+        assert_same_batches(head + list(resumed), expected)
+        assert opened == order[state["source"]["shard"] :], cut  # earlier shards are not opened
+        assert built == pending + every_read[read_before:], cut  # consumed samples are not read into images again
+    assert pending_seen and mid_shard_seen  # the cuts did fall with samples pending and inside a shard
+
+
+def test_a_killed_streamed_run_resumes_exactly(straight_and_resumed, tmp_path):
+    """Killed mid-epoch with samples pending in the bucket buffers, resumed: the same losses and the same UNet."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ldm_tune.tracking import read_metrics
+
+    make_shards(tmp_path / "shards")
+    overrides = ["data.train_data_dir=null", f"data.train_shards={tmp_path / 'shards'}/shard-{{000..002}}.tar",
+                 "data.bucketing=true", "data.bucket_step=16", "data.random_flip=true", "training.train_batch_size=3",
+                 "training.max_train_steps=8", "checkpointing.checkpointing_steps=3", "logging.logging_steps=1"]  # fmt: skip
+    full, split = straight_and_resumed(overrides, kill_after=3)
+    stream = torch.load(split / "checkpoint-3" / "custom_checkpoint_0.pkl", weights_only=False)["stream"]
+    assert stream["source"]["offset"] > 0 and any(raws for _, raws in stream["buffers"]), stream["source"]
+
+    def losses(folder):
+        return {r["step"]: r["loss"] for r in read_metrics(folder / "metrics.jsonl") if "loss" in r}
+
+    assert losses(split) == pytest.approx(losses(full), rel=1e-6, abs=1e-9) and len(losses(full)) == 8
+    name = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(full / name), load_file(split / name)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_two_processes_resume_a_killed_stream_exactly(tiny_model_dir, tmp_path, run_two_processes):
+    """Under 2 processes the main process's stream position is what the checkpoint records: same losses, same UNet."""
+    from safetensors.torch import load_file
+
+    from ldm_tune.tracking import read_metrics
+
+    make_shards(tmp_path / "shards", shards=4)
+    overrides = [f"model.pretrained_model_name_or_path={tiny_model_dir}", "data.resolution=32",
+                 f"data.train_shards={tmp_path / 'shards'}/shard-{{000..003}}.tar", "data.bucketing=true",
+                 "data.bucket_step=16", "training.train_batch_size=2", "training.max_train_steps=5",
+                 "training.lr_warmup_steps=0", "checkpointing.checkpointing_steps=2", "logging.logging_steps=1"]  # fmt: skip
+    full, split = tmp_path / "full", tmp_path / "split"
+    run_two_processes("stream_resume_worker.py", [*overrides, f"output_dir={full}"], out=tmp_path / "a")
+    run_two_processes("stream_resume_worker.py", [*overrides, f"output_dir={split}", "--kill-after=2"],
+                      out=tmp_path / "b", fails=True)  # fmt: skip
+    stream = torch.load(split / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=False)["stream"]
+    assert stream["source"]["offset"] > 0 and any(raws for _, raws in stream["buffers"]), stream["source"]
+    ranks = run_two_processes("stream_resume_worker.py", [*overrides, f"output_dir={split}",
+                              "checkpointing.resume_from_checkpoint=latest"], out=tmp_path / "c")  # fmt: skip
+    assert [r["steps"] for r in ranks] == [5, 5]
+
+    def losses(folder):
+        return {r["step"]: r["loss"] for r in read_metrics(folder / "metrics.jsonl") if "loss" in r}
+
+    assert losses(split) == pytest.approx(losses(full), rel=1e-6, abs=1e-9) and len(losses(full)) == 5
+    name = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(full / name), load_file(split / name)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_resuming_shards_mid_epoch_with_loader_workers_is_refused(tmp_path):
+    """Each loader worker keeps its shards' position to itself: such a resume would repeat or drop samples."""
+    from ldm_tune.data.streaming import MainProcessStream
+
+    make_shards(tmp_path / "shards", shards=2)
+    shards = expand_shards(str(tmp_path / "shards" / "shard-{000..001}.tar"))
+    stream = MainProcessStream(shard_stream(shards), accelerator=None, num_workers=2)
+    assert stream.state_dict() == {"workers": 2}
+    with pytest.raises(
+        ValueError, match=r"`data.dataloader_num_workers` must be 0 .*got 2 now and 2 in the checkpoint"
+    ):
+        stream.load_state_dict(stream.state_dict(), epoch=0, batches=3)
+    with pytest.raises(ValueError, match="got 0 now and 2 in the checkpoint"):
+        MainProcessStream(shard_stream(shards), accelerator=None).load_state_dict({"workers": 2}, epoch=0, batches=3)

@@ -93,16 +93,18 @@ def stream_loader(config: TrainConfig, accelerator, train: TextImageDataset) -> 
     if d.train_shards is not None:
         shards = expand_shards(d.train_shards, d.allow_private_urls)
 
-        def samples(epoch):
-            return webdataset_samples(shards, d.caption_column, config.seed, epoch)
+        def samples(epoch, start=None):  # shards record positions: a resumed stream starts where it stood
+            return webdataset_samples(shards, d.caption_column, config.seed, epoch, start)
     else:
 
         def samples(epoch):
             return hf_streaming_samples(d, config.seed, epoch)
 
     size = config.training.train_batch_size * accelerator.num_processes
-    return MainProcessStream(StreamingDataset(samples, train, d, size, config.seed), accelerator,
-                             d.dataloader_num_workers)  # fmt: skip
+    # A Hugging Face stream records no position: `datasets`' own state_dict loses its shuffle buffer on resume,
+    # which would change the order. The trainer reads past its consumed batches instead.
+    dataset = StreamingDataset(samples, train, d, size, config.seed, positions=d.train_shards is not None)
+    return MainProcessStream(dataset, accelerator, d.dataloader_num_workers)
 
 
 def build_loaders(config: TrainConfig, accelerator, tokenizer, vae, text_encoder, weight_dtype) -> Loaders:

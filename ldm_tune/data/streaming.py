@@ -11,8 +11,11 @@ under N processes every sample is trained on once per epoch, with no duplicates 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import logging
 from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -25,6 +28,7 @@ from ldm_tune.data.images import BadItem, decode_image, to_rgb
 from ldm_tune.data.scan import ItemInfo, check_captions
 
 
+logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -68,34 +72,71 @@ def _caption_of(sample: dict, caption_column: str):
     return None
 
 
-def webdataset_samples(shards: list[str], caption_column: str, seed: int, epoch: int):
-    """(key, image bytes, caption) per sample of the shards, shards in a seeded order; bad ones as BadItem."""
-    import webdataset as wds
+def shard_order(shards: list[str], seed: int, epoch: int) -> list[str]:
+    """The epoch's seeded order of the shards."""
+    return [shards[i] for i in np.random.default_rng([seed, epoch + 1]).permutation(len(shards))]
 
-    order = [shards[i] for i in np.random.default_rng([seed, epoch + 1]).permutation(len(shards))]
-    failures = []
 
-    def record(error: Exception) -> bool:  # a corrupt shard is skipped and counted, the stream goes on
-        failures.append(error)
-        return True
+def read_shard(url: str, handler):
+    """The samples of one shard as webdataset groups them (raw member bytes by extension); nothing is decoded."""
+    from webdataset.tariterators import tarfile_samples
 
-    stream = wds.WebDataset(order, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker,
-                            handler=record, empty_check=False)  # fmt: skip
-    for sample in stream:
+    return tarfile_samples([{"url": url}], handler=handler)
+
+
+class ShardSamples:
+    """(key, image bytes, caption) per sample of the shards, shards in the epoch's seeded order; bad ones as BadItem.
+
+    `position` is where the stream stands after the last entry yielded: the shard's place in this reader's order and
+    how many of its entries were yielded. Started at a position (`start`), earlier shards are not opened and the
+    shard's first entries are read past as raw tar members, no image decoded.
+    """
+
+    def __init__(self, shards: list[str], caption_column: str, seed: int, epoch: int, start: dict | None = None):
+        order = shard_order(shards, seed, epoch)
+        info = get_worker_info()
+        if info is not None:  # each DataLoader worker reads its own shards (as webdataset's `split_by_worker`)
+            order = order[info.id :: info.num_workers]
+        self.order, self.caption_column = order, caption_column
+        self.position = dict(start or {"shard": 0, "offset": 0})
+
+    def __iter__(self):
+        start = self.position
+        for index in range(start["shard"], len(self.order)):
+            skip = start["offset"] if index == start["shard"] else 0
+            entries = itertools.islice(self._entries(self.order[index]), skip, None)
+            for offset, entry in enumerate(entries, skip + 1):
+                self.position = {"shard": index, "offset": offset}
+                yield entry
+        self.position = {"shard": len(self.order), "offset": 0}  # every shard read: a resume opens none
+
+    def _entries(self, url: str):
+        failures = []
+
+        def record(error: Exception) -> bool:  # a corrupt shard is skipped and counted, the stream goes on
+            failures.append(error)
+            return True
+
+        for sample in read_shard(url, record):
+            while failures:
+                yield f"{url}/shard-error-{len(failures)}", BadItem("corrupt_shard", str(failures.pop())), None
+            key = f"{sample.get('__url__')}/{sample['__key__']}"
+            if not safe_member_name(sample["__key__"]):
+                yield key, BadItem("unsafe_tar_member", sample["__key__"]), None
+                continue
+            image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+            yield (
+                key,
+                image if image is not None else BadItem("missing_file", "no image member"),
+                _caption_of(sample, self.caption_column),
+            )
         while failures:
-            yield f"shard-error-{len(failures)}", BadItem("corrupt_shard", str(failures.pop())), None
-        key = f"{sample.get('__url__')}/{sample['__key__']}"
-        if not safe_member_name(sample["__key__"]):
-            yield key, BadItem("unsafe_tar_member", sample["__key__"]), None
-            continue
-        image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
-        yield (
-            key,
-            image if image is not None else BadItem("missing_file", "no image member"),
-            _caption_of(sample, caption_column),
-        )
-    while failures:
-        yield f"shard-error-{len(failures)}", BadItem("corrupt_shard", str(failures.pop())), None
+            yield f"{url}/shard-error-{len(failures)}", BadItem("corrupt_shard", str(failures.pop())), None
+
+
+def webdataset_samples(shards: list[str], caption_column: str, seed: int, epoch: int, start: dict | None = None):
+    """The samples of the shards for `epoch`, from the start or from a position (see `ShardSamples`)."""
+    return ShardSamples(shards, caption_column, seed, epoch, start)
 
 
 def hf_streaming_samples(cfg, seed: int, epoch: int):
@@ -118,19 +159,37 @@ class StreamingDataset(IterableDataset):
     """Batches of checked, preprocessed samples from a stream; each batch from one bucket.
 
     `batch_size` is the size of a batch for all processes together (per-process batch x processes).
+    `samples_fn(epoch)` gives the epoch's samples; with `positions`, `samples_fn(epoch, start)` gives them from a
+    position its iterable recorded (`.position`, see `ShardSamples`), and the stream can resume exactly mid-epoch.
     """
 
-    def __init__(self, samples_fn, dataset, cfg, batch_size: int, seed: int = 0):
-        self.samples_fn, self.dataset, self.cfg = (
-            samples_fn,
-            dataset,
-            cfg,
-        )  # `dataset`: a TextImageDataset (transforms)
-        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+    def __init__(self, samples_fn, dataset, cfg, batch_size: int, seed: int = 0, positions: bool = False):
+        self.samples_fn, self.dataset, self.cfg = samples_fn, dataset, cfg  # `dataset`: a TextImageDataset
+        self.batch_size, self.seed, self.epoch, self.positions = batch_size, seed, 0, positions
         self.buckets = make_buckets(cfg.resolution, cfg.bucket_step, cfg.max_aspect_ratio) if cfg.bucketing else None
+        self.resume_at = None  # a saved position the next iteration starts at (`load_state_dict`)
+        self.live = None  # the iteration under way: its source, bucket buffers and pending skipped reasons
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        """Where the stream stands after the batches yielded so far; {} without positions or before any batch.
+
+        The source's position, and the samples read but not yet yielded: raw (key, image bytes, caption), bucket by
+        bucket in order, so that a resumed stream trains on each exactly once; and the skipped reasons that travel
+        with the next batch.
+        """
+        live = self.live
+        if not self.positions or live is None:
+            return {}
+        return {"epoch": live.epoch, "batches": live.batches, "source": dict(live.source.position),
+                "buffers": [(size, [raw for raw, _ in entries]) for size, entries in live.buffers.items()],
+                "skipped": list(live.skipped)}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        """Start the next iteration at a position from `state_dict` (in its epoch)."""
+        self.epoch, self.resume_at = state["epoch"], state
 
     def _item(self, key: str, image, caption):
         """One preprocessed item, or raises BadItem."""
@@ -150,28 +209,44 @@ class StreamingDataset(IterableDataset):
         info = ItemInfo(index, width, height, "", captions)
         return size, self.dataset.build(self.epoch, index, info, image, size)
 
+    def _start(self) -> SimpleNamespace:
+        """The iteration's state: from the epoch's start, or from the position `load_state_dict` was given."""
+        state, self.resume_at = self.resume_at, None
+        if state is None:
+            return SimpleNamespace(epoch=self.epoch, batches=0, source=self.samples_fn(self.epoch), buffers={},
+                                   skipped=[])  # fmt: skip
+        buffers = {}
+        for size, raws in state["buffers"]:  # pending samples are built again from their bytes: same keyed draws
+            buffers[tuple(size)] = [(raw, self._item(*raw)[1]) for raw in raws]
+        return SimpleNamespace(epoch=self.epoch, batches=state["batches"], buffers=buffers,
+                               source=self.samples_fn(self.epoch, state["source"]), skipped=list(state["skipped"]))  # fmt: skip
+
+    def _batch(self, live: SimpleNamespace, entries: list) -> dict:
+        """A batch of buffered (raw, item) entries, carrying the skipped reasons gathered since the last batch."""
+        batch = collate([item for _, item in entries])
+        batch["skipped"] = batch["skipped"] + live.skipped
+        live.skipped.clear()
+        live.batches += 1
+        return batch
+
     def __iter__(self):
-        buffers, skipped = {}, []
-        for key, image, caption in self.samples_fn(self.epoch):
+        # `self.live` is consistent at every `yield`: what a checkpoint taken after that batch must record.
+        live = self.live = self._start()
+        for key, image, caption in live.source:
             try:
                 size, item = self._item(key, image, caption)
             except BadItem as error:
-                skipped.append(error.reason)
-                if len(skipped) == self.batch_size:  # a batch's worth of bad samples: report them (and progress)
-                    yield collate([]) | {"skipped": skipped}
-                    skipped = []
+                live.skipped.append(error.reason)
+                if len(live.skipped) == self.batch_size:  # a batch's worth of bad samples: report them (and progress)
+                    yield self._batch(live, [])
                 continue
-            buffers.setdefault(size, []).append(item)
-            if len(buffers[size]) == self.batch_size:
-                batch = collate(buffers.pop(size))
-                batch["skipped"], skipped = batch["skipped"] + skipped, []
-                yield batch
-        for items in buffers.values():  # the end of the epoch: each bucket's last, smaller batch
-            batch = collate(items)
-            batch["skipped"], skipped = batch["skipped"] + skipped, []
-            yield batch
-        if skipped:
-            yield collate([]) | {"skipped": skipped}
+            live.buffers.setdefault(size, []).append(((key, image, caption), item))
+            if len(live.buffers[size]) == self.batch_size:
+                yield self._batch(live, live.buffers.pop(size))
+        for size in list(live.buffers):  # the end of the epoch: each bucket's last, smaller batch
+            yield self._batch(live, live.buffers.pop(size))
+        if live.skipped:
+            yield self._batch(live, [])
 
 
 class MainProcessStream:
@@ -182,11 +257,48 @@ class MainProcessStream:
     """
 
     def __init__(self, dataset: StreamingDataset, accelerator, num_workers: int = 0):
-        self.dataset, self.accelerator = dataset, accelerator
+        self.dataset, self.accelerator, self.num_workers = dataset, accelerator, num_workers
         self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
+        if num_workers and dataset.positions:
+            logger.warning("Streaming shards with `data.dataloader_num_workers` %d: a checkpoint written mid-epoch "
+                           "cannot be resumed (each worker's position stays in the worker).", num_workers)  # fmt: skip
 
     def start_epoch(self, epoch: int) -> None:
         self.dataset.start_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        """The main process's position in the stream (see `StreamingDataset.state_dict`)."""
+        if self.num_workers:  # each loader worker reads its own shards into its own buffers: nothing to record here
+            return {"workers": self.num_workers}
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict, epoch: int, batches: int) -> bool:
+        """Start the next iteration where a checkpoint's stream stood, after `batches` batches of `epoch`.
+
+        Returns False where no position is recorded (a Hugging Face stream, or a checkpoint from before positions
+        were recorded): the caller must read past the consumed batches. Every process takes the same decision.
+        """
+        if not self.dataset.positions:
+            return False
+        workers = max(self.num_workers, state.get("workers", 0))
+        if workers:
+            raise ValueError(
+                "`data.dataloader_num_workers` must be 0 to resume a run streamed from `data.train_shards` "
+                "mid-epoch (and must have been 0 when the checkpoint was written): each loader worker keeps its "
+                f"shards' position and buffers to itself; got {self.num_workers} now and "
+                f"{state.get('workers', 0)} in the checkpoint. Resume from a checkpoint written at the end of an "
+                "epoch, or start a new `output_dir` with `data.dataloader_num_workers=0`."
+            )
+        if not state:
+            return False
+        if (state["epoch"], state["batches"]) != (epoch, batches):
+            raise ValueError(
+                f"`checkpointing.resume_from_checkpoint`: the stream position is after batch {state['batches']} of "
+                f"epoch {state['epoch']}, the training state after batch {batches} of epoch {epoch}; got a "
+                "checkpoint whose parts disagree."
+            )
+        self.dataset.load_state_dict(state)
+        return True
 
     def __iter__(self):
         acc = self.accelerator
