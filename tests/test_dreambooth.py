@@ -2,6 +2,7 @@
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,27 @@ def test_two_processes_share_class_images_and_train_alike(
         torch.set_num_threads(threads)
     for name in (f"class-{i:05d}.png" for i in range(5)):
         assert (tmp_path / "single" / name).read_bytes() == (class_dir / name).read_bytes()
+
+
+def test_dreambooth_lora_with_prior_preservation_end_to_end(make_config, concept_dir, tmp_path, tiny_model_dir):
+    """The whole user path: class images from the base model, instance + class items, a LoRA on the UNet and the
+    text encoder, the LoRA file loaded for sampling."""
+    from ldm_tune.inference import LDMInference
+    from ldm_tune.training import Trainer
+
+    config = make_config("data.train_data_dir=null", f"dreambooth.instance_data_dir={concept_dir}",
+                         f"dreambooth.instance_prompt={PROMPT}", "dreambooth.instance_repeats=2", *CLASS,
+                         f"dreambooth.class_data_dir={tmp_path / 'class'}", "training.finetune_method=lora",
+                         "training.train_text_encoder_lora=true", "training.max_train_steps=2",
+                         "dreambooth.prior_loss_weight=0.5", "training.learning_rate=1e-2")  # fmt: skip
+    trainer = Trainer(config)
+    assert len(list((tmp_path / "class").glob("class-*.png"))) == 5
+    weights = Counter(item.weight for item in trainer.train_loader.dataset.items)
+    assert weights == {1.0: 3 * 2, 0.5: 5}  # instance items repeated twice, class items at prior_loss_weight
+    trainer.train()
+    out = Path(config.output_dir)
+    pipe = LDMInference.from_pretrained(tiny_model_dir, device="cpu", lora=[out])
+    kwargs = {"prompt": PROMPT, "seed": 0, "num_inference_steps": 2, "output_type": "np", "progress": False}
+    tuned = pipe.generate(**kwargs)
+    pipe.set_lora_scale(0.0)
+    assert abs(tuned - pipe.generate(**kwargs)).max() > 0  # the trained LoRA (UNet + text encoder) changes images
