@@ -94,6 +94,7 @@ class LoRAFineTune:
     def __init__(self, trainer):
         self.trainer = trainer
         self.config = trainer.config.training
+        self._trained = None
 
     def _lora_config(self, target_modules: list[str]) -> LoraConfig:
         t = self.config
@@ -144,7 +145,9 @@ class LoRAFineTune:
         return groups
 
     def ema_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for group in self.param_groups() for p in group["params"]]
+        if self._trained is None:  # asked at every update: the adapter tensors stay the same objects once added
+            self._trained = [p for group in self.param_groups() for p in group["params"]]
+        return self._trained
 
     def make_ema(self) -> EMAModel:
         return EMAModel(self.ema_parameters(), decay=self.config.ema_decay)
