@@ -260,7 +260,8 @@ class Trainer(ValidationMixin, UpdateGuardMixin):
             if not acc.sync_gradients:
                 return False
             grad_norm = self._clip_gradients()
-            self.window[3] = float(grad_norm is not None and not torch.isfinite(grad_norm))
+            if grad_norm is not None:  # kept on the device: the reduce below is the one host sync of the update
+                self.window[3] = (~torch.isfinite(grad_norm)).float()
             # One reduce for the loss sums and both non-finite counts: every process takes the same decision.
             loss_sum, count, nonfinite, bad_gradients = acc.reduce(self.window, reduction="sum").tolist()
             self.window.zero_()
