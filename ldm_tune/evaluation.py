@@ -259,6 +259,12 @@ def add_evaluate_parser(subparsers) -> None:
     parser.add_argument(
         "--checkpoint", help="Training checkpoint or output folder whose unet/ replaces the base UNet."
     )
+    from ldm_tune.cli import _lora_arg  # `generate`'s PATH[:SCALE] parsing (cli imports this module at its top)
+
+    parser.add_argument(
+        "--lora", action="append", type=_lora_arg, default=[], metavar="PATH[:SCALE]",
+        help="LoRA file or training folder to sample with, with an optional scale; repeat for several.",
+    )  # fmt: skip
     parser.add_argument(
         "--suite", choices=["shapes"], default="shapes", help="shapes: coloured shapes, scored by `classify`."
     )
@@ -298,6 +304,7 @@ def run_evaluate(args) -> None:
         checkpoint=args.checkpoint,
         device=args.device,
         batch_size=args.batch_size,
+        lora=args.lora,
     )
     result["suite"] = args.suite
     print(

@@ -351,3 +351,14 @@ def test_cli_generate_with_two_loras(loras, tiny_model_dir, tmp_path, capsys):
     argv[argv.index("--lora") + 1] = f"{missing}:0.5"
     assert main(argv) == 2
     assert f"`lora` '{missing}' does not exist" in capsys.readouterr().err
+
+
+def test_cli_evaluate_scores_a_model_with_its_lora(loras, tiny_model_dir, tmp_path):
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--steps", "2", "--guidance", "3", "--images-per-prompt",
+            "1", "--device", "cpu", "--prompts", str(tmp_path / "prompts.txt")]  # fmt: skip
+    (tmp_path / "prompts.txt").write_text("a red circle on a white background\n")
+    assert main([*argv, "--lora", f"{loras['full']}:0.5", "--out", str(tmp_path / "with.json")]) == 0
+    result = json.loads((tmp_path / "with.json").read_text())
+    assert [(x["path"], x["scale"]) for x in result["lora"]] == [
+        (str((loras["full"] / LORA_WEIGHT_NAME).resolve()), 0.5)
+    ]
