@@ -52,13 +52,10 @@ def train(out: Path, data: dict, s, method: str, steps: int, run: Path, seed: in
 
 def score(out: Path, run: Path | None, s, images_per_prompt: int) -> dict:
     from ldm_tune.data.shapes import NEW_COLORS, SHAPES
+    from ldm_tune.demo import finetuned_model
     from ldm_tune.evaluation import default_prompts, evaluate
 
-    model, lora = out / "unet" / "pipeline", []
-    if run is not None and (run / "pytorch_lora_weights.safetensors").exists():
-        lora = [run]
-    elif run is not None:
-        model = run / "pipeline"
+    model, lora = finetuned_model(out, run) if run is not None else (out / "unet" / "pipeline", [])
     new = default_prompts(colors=list(NEW_COLORS), shapes=SHAPES)
     args = ((5.0,), "ddim", s.eval_steps, images_per_prompt, s.seed)
     return {"new": evaluate(model, new, *args, lora=lora)["rows"][0]["joint"],

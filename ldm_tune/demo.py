@@ -161,11 +161,13 @@ def finetune_overrides(out: Path, data: dict[str, Path], s: DemoSettings, method
     ]  # fmt: skip
 
 
-def finetuned_model(out: Path) -> tuple[Path, list[Path]]:
-    """The fine-tuned model as `LDMInference.from_pretrained` takes it: (model folder, LoRAs)."""
-    if (out / "finetune" / "pytorch_lora_weights.safetensors").exists():
-        return out / "unet" / "pipeline", [out / "finetune"]
-    return out / "finetune" / "pipeline", []
+def finetuned_model(out: Path, run: Path | None = None) -> tuple[Path, list[Path]]:
+    """A fine-tuning run of the demo (default: its `finetune` stage) as `LDMInference.from_pretrained` takes it:
+    (model folder, LoRAs). A LoRA run is the base UNet's pipeline plus its adapters."""
+    run = run or out / "finetune"
+    if (run / "pytorch_lora_weights.safetensors").exists():
+        return out / "unet" / "pipeline", [run]
+    return run / "pipeline", []
 
 
 def train_stages(out: Path, data: dict[str, Path], s: DemoSettings) -> dict[str, dict]:

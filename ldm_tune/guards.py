@@ -31,7 +31,9 @@ class UpdateGuardMixin:
         reduce keep pairing the same steps on every process; the items of the others are counted as skipped."""
         acc, size = self.accelerator, len(batch["keys"])
         empty = size == 0
-        if acc.num_processes > 1:
+        # A stream hands every process rows of the same batch (see MainProcessStream): empty on one is empty on all,
+        # so only the batch sampler's per-process batches need the (per micro-batch) flag reduce.
+        if acc.num_processes > 1 and not self.streaming:
             empty = acc.reduce(torch.tensor([float(empty)], device=acc.device), reduction="sum").item() > 0
             if empty and size:
                 self._count_skipped("empty_batch_on_another_process", size)

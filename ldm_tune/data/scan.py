@@ -171,7 +171,7 @@ def scan_source(source, cfg, tokenizer=None, cache_path: Path | None = None, wor
     the size limits, see `ldm_tune.data.pipeline`), so training starts without a decode pass over the corpus.
     """
     report = report or DataReport()
-    if getattr(cfg, "verify", "upfront") == "lazy":
+    if cfg.verify == "lazy":
         return _captions_only(source, report), report
     cache = ScanCache(cache_path)
     keys = [_file_key(source.file(i)) if source.file(i) is not None else None for i in range(len(source))]
