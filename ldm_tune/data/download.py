@@ -76,14 +76,16 @@ class _Failure(Exception):
 
 
 @dataclass(frozen=True)
-class _Options:
-    connect_timeout: float
-    read_timeout: float
-    total_timeout: float
-    retries: int
-    backoff: float
-    max_bytes: int
-    allow_private_urls: bool
+class DownloadOptions:
+    """The bounds and safety switch of one fetch; the defaults are those of `download_images`."""
+
+    connect_timeout: float = 5.0
+    read_timeout: float = 10.0
+    total_timeout: float = 30.0
+    retries: int = 2
+    backoff: float = 0.5
+    max_bytes: int = 20 * 2**20
+    allow_private_urls: bool = False
 
 
 # --- address checks ---------------------------------------------------------------------------------------------
@@ -152,7 +154,7 @@ def check_url(url: str, allow_private: bool = False) -> str | None:
 # --- network ----------------------------------------------------------------------------------------------------
 
 
-class _SessionPool:
+class SessionPool:
     """One `requests.Session` per worker thread (a Session is not thread-safe); all closed when the call ends."""
 
     def __init__(self):
@@ -177,7 +179,7 @@ class _SessionPool:
             self._sessions.clear()
 
 
-def _get(session: requests.Session, url: str, opts: _Options, deadline: float) -> requests.Response:
+def _get(session: requests.Session, url: str, opts: DownloadOptions, deadline: float) -> requests.Response:
     """One GET (no redirects, body not read yet); timeouts are capped by what is left of the URL's deadline."""
     remaining = deadline - time.monotonic()
     if remaining <= 0:
@@ -228,7 +230,7 @@ def _read_body(response: requests.Response, max_bytes: int, deadline: float) -> 
     return bytes(body)
 
 
-def _fetch_once(url: str, session: requests.Session, opts: _Options, deadline: float) -> bytes:
+def _fetch_once(url: str, session: requests.Session, opts: DownloadOptions, deadline: float) -> bytes:
     """One attempt: follow up to MAX_REDIRECTS redirects by hand, checking every hop, then read the body."""
     current = url
     for _ in range(MAX_REDIRECTS + 1):
@@ -248,7 +250,7 @@ def _retryable(reason: str) -> bool:
     return reason in RETRYABLE or (reason.startswith("http_5") and len(reason) == 8)
 
 
-def _fetch(url: str, session: requests.Session, opts: _Options) -> bytes:
+def _fetch(url: str, session: requests.Session, opts: DownloadOptions) -> bytes:
     """The body of `url`, retrying transient failures with exponential backoff within one total deadline."""
     deadline = time.monotonic() + opts.total_timeout
     for attempt in range(opts.retries + 1):
@@ -356,15 +358,25 @@ class _Cache:
 # --- driver -----------------------------------------------------------------------------------------------------
 
 
-def _download_one(url: str, cache: _Cache, sessions: _SessionPool, opts: _Options) -> Path | str:
-    """The cached path of one URL, or its failure reason."""
+def fetch_image(url: object, sessions: SessionPool, opts: DownloadOptions) -> tuple[bytes, str] | str:
+    """(body, extension) of one URL whose body fully decodes as an image, or its failure reason; never raises
+    for a bad URL or server. The one fetch path of both `download_images` and `shards.download_to_shards`."""
     try:
         if not isinstance(url, str):
             raise _Failure("invalid_url")
         body = _fetch(url, sessions.get(), opts)
-        return cache.store(url, body, _image_extension(body))
+        return body, _image_extension(body)
     except _Failure as failure:
         return failure.reason
+
+
+def _download_one(url: str, cache: _Cache, sessions: SessionPool, opts: DownloadOptions) -> Path | str:
+    """The cached path of one URL, or its failure reason."""
+    outcome = fetch_image(url, sessions, opts)
+    if isinstance(outcome, str):
+        return outcome
+    body, ext = outcome
+    return cache.store(url, body, ext)
 
 
 def download_images(
@@ -388,7 +400,9 @@ def download_images(
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    opts = _Options(connect_timeout, read_timeout, total_timeout, retries, backoff, max_bytes, allow_private_urls)
+    opts = DownloadOptions(
+        connect_timeout, read_timeout, total_timeout, retries, backoff, max_bytes, allow_private_urls
+    )
     cache = _Cache(Path(cache_dir))
     unique = list(dict.fromkeys(urls))
     results: dict[str, Path | str] = {}
@@ -402,7 +416,7 @@ def download_images(
         else:
             pending.append(url)
 
-    sessions = _SessionPool()
+    sessions = SessionPool()
     bar = tqdm(total=len(unique), initial=report.cached, desc="downloading", unit="img", disable=not progress)
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
