@@ -72,8 +72,8 @@ def plan_class_images(config: TrainConfig) -> ClassImagePlan:
     wanted = db.num_class_images
     metadata = find_metadata(folder)
     if metadata is not None:
-        records, bad = read_image_folder(folder, config.data.caption_column, key="dreambooth.class_data_dir")
-        found = len(records) + len(bad)
+        _, facts = read_image_folder(folder, config.data.caption_column, key="dreambooth.class_data_dir")
+        found = facts["total"]
         if found < wanted:
             raise ValueError(
                 f"`dreambooth.class_data_dir` {str(folder)!r} lists its images in {metadata.name} and holds {found} "

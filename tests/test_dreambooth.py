@@ -75,8 +75,8 @@ def test_repeats_lengthen_the_epoch_without_copying_files(make_config, shapes_di
     assert len(items) == 12 * 2 + 3 * 3 == data.report.epoch_items
     assert data.report.sources["data"].kept == 12 and data.report.sources["instance"].repeats == 3
     # Repeats are positions of the same item: one file, one image hash (one cache entry), read once per position.
-    assert all(items[p] is items[p + 12] for p in range(12))
-    assert all(items[24 + i] is items[27 + i] is items[30 + i] for i in range(3))
+    assert all(items[p] == items[p + 12] for p in range(12))
+    assert all(items[24 + i] == items[27 + i] == items[30 + i] for i in range(3))
     assert len({item.index for item in items}) == 15
     assert listing(shapes_dir, concept_dir) == before
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.suffix == ".png"]

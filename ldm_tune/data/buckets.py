@@ -36,6 +36,22 @@ def assign_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> in
     return min(range(len(buckets)), key=lambda i: (abs(math.log(buckets[i][0] / buckets[i][1]) - ratio), i))
 
 
+class ItemSizes:
+    """Each item's crop size, stored as one bucket id per item (numpy) and the table of bucket sizes."""
+
+    def __init__(self, ids, table: list[tuple[int, int]]):
+        self.ids, self.table = np.asarray(ids, dtype=np.int64), table
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, position: int) -> tuple[int, int]:
+        return self.table[self.ids[position]]
+
+    def __iter__(self):
+        return (self.table[i] for i in self.ids)
+
+
 class BucketBatchSampler(Sampler):
     """Yields batches of (epoch, index) keys, each batch from one bucket.
 
@@ -61,14 +77,15 @@ class BucketBatchSampler(Sampler):
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _batches(self, epoch: int) -> list[list[int]]:
+    def _batches(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch + 1])
         batches = []
         for bucket in np.unique(self.item_buckets):
             members = np.flatnonzero(self.item_buckets == bucket)
             if self.shuffle:
                 members = rng.permutation(members)
-            batches += [members[i : i + self.size].tolist() for i in range(0, len(members), self.size)]
+            # numpy slices, not lists of ints: an epoch of a 10 M-item corpus stays a few arrays
+            batches += [members[i : i + self.size] for i in range(0, len(members), self.size)]
         # Make the count a multiple of the process count without repeating an item: split the largest batches.
         while len(batches) % self.num_processes and max(len(b) for b in batches) > 1:
             largest = max(range(len(batches)), key=lambda i: len(batches[i]))
@@ -82,4 +99,5 @@ class BucketBatchSampler(Sampler):
         return self._length
 
     def __iter__(self):
-        return iter([[(self.epoch, i) for i in batch] for batch in self._batches(self.epoch)])
+        epoch = self.epoch  # fixed when the iteration starts; keys are made one batch at a time
+        return ([(epoch, int(i)) for i in batch] for batch in self._batches(epoch))

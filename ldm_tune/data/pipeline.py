@@ -15,20 +15,21 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ldm_tune.config import DataConfig, DreamBoothConfig
-from ldm_tune.data.buckets import assign_bucket, make_buckets
-from ldm_tune.data.scan import DataReport, ItemInfo, scan_source
+from ldm_tune.data.buckets import ItemSizes, assign_bucket, make_buckets
+from ldm_tune.data.index import open_pair_list
+from ldm_tune.data.items import ItemTable
+from ldm_tune.data.scan import DataReport, scan_source
 from ldm_tune.data.sources import (
     ConcatSource,
     HFDatasetSource,
     RecordSource,
     read_image_folder,
-    read_pair_list,
     resolve_urls,
     size_limits,
 )
@@ -44,12 +45,12 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class Split:
-    """One split, ready for a dataset: the source, its usable items and each item's crop size."""
+    """One split, ready for a dataset: the source, its usable items, each item's crop size and bucket id."""
 
     source: object
-    items: list[ItemInfo]
-    sizes: list[tuple[int, int]]
-    buckets: list[int]
+    items: ItemTable
+    sizes: ItemSizes
+    buckets: np.ndarray
 
 
 @dataclass
@@ -60,14 +61,13 @@ class PreparedData:
     validation_report: DataReport | None
 
 
-def _file_source(records, bad, cfg: DataConfig, cache_dir: Path, report: DataReport, progress: bool,
+def _file_source(rows, facts: dict, cfg: DataConfig, cache_dir: Path, report: DataReport, progress: bool,
                  reuse_failures: bool = False):  # fmt: skip
-    records, failed, downloads = resolve_urls(records, cfg, cache_dir, progress, reuse_failures)
+    report.add_skipped(facts)
+    rows, failed, downloads = resolve_urls(rows, cfg, cache_dir, progress, reuse_failures)
     report.downloads = downloads.summary() if downloads is not None else None
-    for origin, reason in bad + failed:
-        report.total += 1
-        report.add(report.bad, reason, origin)
-    return RecordSource(records, cfg.max_image_pixels, size_limits(cfg))
+    report.add_skipped(failed)
+    return RecordSource(rows, cfg.max_image_pixels, size_limits(cfg))
 
 
 def _read(cfg: DataConfig, folder: str | None, cache_dir: Path, report: DataReport, progress: bool,
@@ -75,8 +75,8 @@ def _read(cfg: DataConfig, folder: str | None, cache_dir: Path, report: DataRepo
     if folder is not None:
         return _file_source(*read_image_folder(folder, cfg.caption_column, key=key), cfg, cache_dir, report, progress)
     if cfg.train_data_file is not None:
-        records = read_pair_list(cfg.train_data_file, cfg.caption_column, cfg.image_column)
-        return _file_source(*records, cfg, cache_dir, report, progress, reuse_failures)
+        rows = open_pair_list(cfg.train_data_file, cache_dir, cfg.caption_column, cfg.image_column)
+        return _file_source(*rows, cfg, cache_dir, report, progress, reuse_failures)
     return HFDatasetSource.from_config(cfg)
 
 
@@ -91,17 +91,15 @@ def _scan_cache_path(cache_dir: Path, cfg: DataConfig, origin: str | Path | None
     return cache_dir / "scans" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
 
-def _sizes(items: list[ItemInfo], cfg: DataConfig) -> tuple[list[tuple[int, int]], list[int]]:
+def _split(source, items: ItemTable, cfg: DataConfig) -> Split:
     if not cfg.bucketing:
-        return [(cfg.resolution, cfg.resolution)] * len(items), [0] * len(items)
-    buckets = make_buckets(cfg.resolution, cfg.bucket_step, cfg.max_aspect_ratio)
-    ids = [assign_bucket(item.width, item.height, buckets) for item in items]
-    return [buckets[i] for i in ids], ids
-
-
-def _split(source, items: list[ItemInfo], cfg: DataConfig) -> Split:
-    sizes, buckets = _sizes(items, cfg)
-    return Split(source, items, sizes, buckets)
+        ids, table = np.zeros(len(items), np.int64), [(cfg.resolution, cfg.resolution)]
+    else:
+        table = make_buckets(cfg.resolution, cfg.bucket_step, cfg.max_aspect_ratio)
+        # One assignment per distinct image size, not per item.
+        shapes, inverse = np.unique(np.stack([items.width, items.height], 1), axis=0, return_inverse=True)
+        ids = np.asarray([assign_bucket(int(w), int(h), table) for w, h in shapes], np.int64)[inverse.ravel()]
+    return Split(source, items, ItemSizes(ids, table), ids)
 
 
 def prepare_data(cfg: DataConfig, tokenizer=None, seed: int = 0, cache_dir: str | Path | None = None,
@@ -116,7 +114,7 @@ def prepare_data(cfg: DataConfig, tokenizer=None, seed: int = 0, cache_dir: str 
     """
     cache_dir = Path(cache_dir or cfg.cache_dir or default_cache_dir())
     scan = _Scanner(cfg, tokenizer, cache_dir, workers or max(2, os.cpu_count() or 2), progress)
-    report, source, items = DataReport(repeats=cfg.repeats), None, []
+    report, source, items = DataReport(repeats=cfg.repeats), None, None
     if train and has_main_source(cfg):
         source = _read(cfg, cfg.train_data_dir, cache_dir, report, progress, reuse_failures)
         items, report = scan(source, _scan_cache_path(cache_dir, cfg), report, "training")
@@ -134,15 +132,15 @@ def prepare_data(cfg: DataConfig, tokenizer=None, seed: int = 0, cache_dir: str 
         held_out = max(1, round(cfg.validation_split * len(items)))
         if held_out >= len(items):
             raise ValueError(f"`data.validation_split` {cfg.validation_split} leaves no training items.")
-        keep = set(order[:held_out].tolist())
-        validation = _split(source, [it for i, it in enumerate(items) if i in keep], cfg)
-        items = [it for i, it in enumerate(items) if i not in keep]
-    if cfg.max_train_samples is not None:
-        items = items[: cfg.max_train_samples]
+        # Both parts keep the scan's order.
+        validation = _split(source, items.take(np.sort(order[:held_out])), cfg)
+        items = items.take(np.sort(order[held_out:]))
+    if cfg.max_train_samples is not None and items is not None:
+        items = items.take(np.arange(min(cfg.max_train_samples, len(items))))
     parts = [_Part("data", source, items, report)] if source is not None else []
     if train and dreambooth is not None and dreambooth.instance_data_dir is not None:
         parts += _dreambooth_parts(dreambooth, scan)
-    train_split, report = _combine(parts, cfg) if train else (_split(None, [], cfg), report)
+    train_split, report = _combine(parts, cfg) if train else (_split(None, ItemTable(None, []), cfg), report)
     if train and not train_split.items:
         raise ValueError(f"No usable training items.\n{report.format('training data')}")
     return PreparedData(train_split, validation, report, val_report)
@@ -155,7 +153,7 @@ class _Scanner:
         self.cfg, self.tokenizer, self.cache_dir = cfg, tokenizer, cache_dir
         self.workers, self.progress = workers, progress
 
-    def __call__(self, source, scan_path: Path, report: DataReport, name: str) -> tuple[list[ItemInfo], DataReport]:
+    def __call__(self, source, scan_path: Path, report: DataReport, name: str) -> tuple[ItemTable, DataReport]:
         items, report = scan_source(source, self.cfg, self.tokenizer, scan_path, self.workers, self.progress, report)
         _check_fraction(report, self.cfg, name)
         return items, report
@@ -163,8 +161,8 @@ class _Scanner:
     def folder(self, folder: str | Path, key: str, name: str, caption: str | None = None, limit: int | None = None):
         """Read and scan an image folder of a DreamBooth source; returns (source, items, report)."""
         report = DataReport()
-        records = read_image_folder(folder, self.cfg.caption_column, caption=caption, limit=limit, key=key)
-        source = _file_source(*records, self.cfg, self.cache_dir, report, self.progress)
+        rows = read_image_folder(folder, self.cfg.caption_column, caption=caption, limit=limit, key=key)
+        source = _file_source(*rows, self.cfg, self.cache_dir, report, self.progress)
         items, report = self(source, _scan_cache_path(self.cache_dir, self.cfg, origin=folder), report, name)
         return source, items, report
 
@@ -188,7 +186,7 @@ class _Part:
 
     name: str
     source: object
-    items: list[ItemInfo]
+    items: ItemTable
     report: DataReport  # `report.repeats`: how often each item is seen per epoch
     weight: float = 1.0
 
@@ -234,14 +232,11 @@ def _combine(parts: list[_Part], cfg: DataConfig) -> tuple[Split, DataReport]:
     """
     if [part.name for part in parts] == ["data"]:  # one source: read it directly, as without DreamBooth
         part = parts[0]
-        return _split(part.source, part.items * part.report.repeats, cfg), part.report
-    sources, items, offset = [], [], 0
-    for part in parts:
-        shifted = [replace(item, index=item.index + offset, weight=part.weight) for item in part.items]
-        items += shifted * part.report.repeats
-        sources.append((part.name, part.source))
-        offset += len(part.source)
-    return _split(ConcatSource(sources), items, cfg), DataReport.combine({p.name: p.report for p in parts})
+        return _split(part.source, part.items.repeat(part.report.repeats), cfg), part.report
+    source = ConcatSource([(part.name, part.source) for part in parts])
+    tables = [part.items.with_weight(part.weight).repeat(part.report.repeats) for part in parts]
+    items = ItemTable.concat(source, tables, source.offsets[:-1])
+    return _split(source, items, cfg), DataReport.combine({p.name: p.report for p in parts})
 
 
 def _check_fraction(report: DataReport, cfg: DataConfig, name: str) -> None:

@@ -17,24 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from ldm_tune.data.images import BadItem, check_size
+from ldm_tune.data.items import ItemInfo, ItemTable, check_captions
 
 
 SAVE_EVERY_S = 60.0  # how often a running scan writes its cache (a 1 M-entry cache takes about a second to write)
-
-
-@dataclass(slots=True)  # one per item: no per-object __dict__ (about 100 bytes each)
-class ItemInfo:
-    """A usable item: its index in the source, pixel size, content hash, valid captions and loss weight."""
-
-    index: int
-    width: int
-    height: int
-    sha256: str
-    captions: list[str]
-    weight: float = 1.0  # multiplies the item's loss: DreamBooth's prior_loss_weight for class items
 
 
 @dataclass
@@ -76,6 +66,14 @@ class DataReport:
             return sum(part.epoch_items for part in self.sources.values())
         return self.kept * self.repeats
 
+    def add_skipped(self, facts: dict | None) -> None:
+        """Count the rows a reader left out (`{"bad": {reason: count}, "examples": {reason: [origin, ...]}}`)."""
+        for reason, count in (facts or {}).get("bad", {}).items():
+            self.total += count
+            self.bad[reason] += count
+            examples = self.examples.setdefault(reason, [])
+            examples += facts["examples"].get(reason, [])[: 3 - len(examples)]
+
     def add(self, kind: Counter, reason: str, origin: str) -> None:
         kind[reason] += 1
         self.examples.setdefault(reason, [])
@@ -111,21 +109,6 @@ class DataReport:
         if self.sources:
             out["sources"] = {name: part.to_dict() for name, part in self.sources.items()}
         return out
-
-
-def check_captions(caption) -> list[str]:
-    """The usable captions of an item (a list may hold several); raises `BadItem` when there is none."""
-    if caption is None:
-        raise BadItem("missing_caption")
-    if isinstance(caption, BadItem):
-        raise caption
-    captions = caption if isinstance(caption, (list, tuple)) else [caption]
-    if not all(isinstance(c, str) for c in captions):
-        raise BadItem("malformed_caption", repr(caption)[:80])
-    captions = [c.strip() for c in captions if c.strip()]
-    if not captions:
-        raise BadItem("empty_caption")
-    return captions
 
 
 def _file_key(path: Path) -> str | None:
@@ -164,7 +147,7 @@ class ScanCache:
 
 
 def scan_source(source, cfg, tokenizer=None, cache_path: Path | None = None, workers: int = 4,
-                progress: bool = True, report: DataReport | None = None) -> tuple[list[ItemInfo], DataReport]:  # fmt: skip
+                progress: bool = True, report: DataReport | None = None) -> tuple[ItemTable, DataReport]:  # fmt: skip
     """Check every item of `source`; return the usable ones and the report.
 
     `data.verify: lazy` checks only the captions here; each image is checked when first loaded (its source carries
@@ -186,20 +169,25 @@ def scan_source(source, cfg, tokenizer=None, cache_path: Path | None = None, wor
             report.kept += 1
         except BadItem as error:
             report.add(report.bad, error.reason, source.origin(i))
-    return items, report
+    return ItemTable.from_infos(source, items), report
 
 
-def _captions_only(source, report: DataReport) -> list[ItemInfo]:
+def _captions_only(source, report: DataReport) -> ItemTable:
     # Width and height 0: not known until loaded (no buckets, no latent cache: the config refuses both with lazy).
-    items = []
+    if getattr(source, "captions_checked", False):  # indexed rows: every row has usable captions already
+        report.total += len(source)
+        report.kept += len(source)
+        return ItemTable(source, np.arange(len(source)))
+    kept = []
     for i in range(len(source)):
         report.total += 1
         try:
-            items.append(ItemInfo(i, 0, 0, "", check_captions(source.caption(i))))
+            check_captions(source.caption(i))
+            kept.append(i)
             report.kept += 1
         except BadItem as error:
             report.add(report.bad, error.reason, source.origin(i))
-    return items
+    return ItemTable(source, kept)
 
 
 def _decode_all(source, todo: list[int], keys: list, cache: ScanCache, workers: int, progress: bool) -> dict:

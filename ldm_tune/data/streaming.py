@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ldm_tune.data.buckets import assign_bucket, make_buckets
 from ldm_tune.data.dataset import collate
 from ldm_tune.data.images import BadItem, decode_image, to_rgb
-from ldm_tune.data.scan import ItemInfo, check_captions
+from ldm_tune.data.items import ItemInfo, check_captions
 
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,187 @@
+"""Pair lists as an on-disk, memory-mapped Arrow index: read once, shared by every process and loader worker.
+
+A list of 10 M pairs read into Python objects costs ~10 GB in each process; as an Arrow file opened with
+`datasets.Dataset.from_file` it is memory-mapped, so processes and workers share the same page-cache pages and a
+row is read only when used. The list is parsed once (by the main process, in batches, never whole), each row
+checked on the way: its image (a local path, made absolute, or an http(s) URL) and its captions (a str or a list
+of str, stripped, at least one not empty). Rows that fail are counted by reason, with a few examples, and left
+out; the index holds the rest as `image`, `captions` (list of str) and `origin` (`file:line`, for reports).
+
+The index is cached under `cache_dir/index/`, keyed by the list's path, size and modification time and the
+column names, so a later run (or another process of this one) opens it in milliseconds. It is written under a
+temporary name and renamed: an interrupted build leaves no index, and the next run builds it again.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+
+from ldm_tune.data.images import BadItem
+from ldm_tune.data.items import check_captions
+
+
+INDEX_VERSION = 1  # bump when the schema or the row checks change: older indexes are then rebuilt
+BATCH_ROWS = 65_536  # rows parsed per Arrow record batch: bounds the Python objects alive during a build
+IMAGE_KEYS = ("image", "image_url", "file_name", "url", "path")
+SCHEMA = pa.schema([("image", pa.string()), ("captions", pa.list_(pa.string())), ("origin", pa.string())])
+EXAMPLES = 3  # origins kept per bad reason
+
+
+class IndexBuilder:
+    """Collects checked rows into Arrow record batches (and bad rows into counts), for a file or memory."""
+
+    def __init__(self, sink=None):
+        self.writer = pa.ipc.new_stream(sink, SCHEMA) if sink is not None else None
+        self.batches: list[pa.RecordBatch] = []
+        self.columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+        self.total, self.bad, self.examples = 0, Counter(), {}
+
+    def add(self, origin: str, image, caption) -> None:
+        """One row: kept when `image` is a str and `caption` has usable text, else counted by reason."""
+        try:
+            if isinstance(image, BadItem):
+                raise image
+            captions = check_captions(caption)
+        except BadItem as error:
+            return self.skip(origin, error.reason)
+        self.total += 1
+        for name, value in zip(SCHEMA.names, (image, captions, origin), strict=True):
+            self.columns[name].append(value)
+        if len(self.columns["image"]) >= BATCH_ROWS:
+            self._flush()
+
+    def skip(self, origin: str, reason: str) -> None:
+        """One row left out, counted by `reason`."""
+        self.total += 1
+        self.bad[reason] += 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < EXAMPLES:
+            examples.append(origin)
+
+    def _flush(self) -> None:
+        if self.columns["image"]:
+            batch = pa.record_batch(self.columns, schema=SCHEMA)
+            self.writer.write_batch(batch) if self.writer is not None else self.batches.append(batch)
+            self.columns = {name: [] for name in SCHEMA.names}
+
+    def finish(self) -> dict:
+        """Write what is left; the facts of the build (row count, bad counts and examples)."""
+        self._flush()
+        if self.writer is not None:
+            self.writer.close()
+        return {"total": self.total, "bad": dict(self.bad), "examples": self.examples}
+
+    def dataset(self):
+        """The rows as an in-memory `datasets.Dataset` (small sources: image folders)."""
+        import datasets
+
+        self._flush()
+        return datasets.Dataset(pa.Table.from_batches(self.batches, schema=SCHEMA))
+
+
+def _key(path: Path, image_column: str, caption_column: str) -> str:
+    stat = path.stat()
+    fields = [INDEX_VERSION, str(path.resolve()), stat.st_size, stat.st_mtime_ns, image_column, caption_column]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:24]
+
+
+def open_pair_list(path: str | Path, cache_dir: Path, caption_column: str = "text", image_column: str = "image"):
+    """The index of a JSONL, CSV or parquet pair list, built on first use; returns `(rows, facts)`.
+
+    `rows` is a memory-mapped `datasets.Dataset` of the good rows; `facts` has the row count and the bad rows'
+    counts and examples by reason (`malformed_metadata`, `invalid_url`, `missing_caption`, ...).
+    """
+    import datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"`data.train_data_file` {str(path)!r} does not exist.")
+    if path.suffix not in (".jsonl", ".csv", ".parquet"):
+        raise ValueError(f"`data.train_data_file` must be a .jsonl, .csv or .parquet file, got {str(path)!r}.")
+    target = cache_dir / "index" / _key(path, image_column, caption_column)
+    arrow, facts_file = target.with_suffix(".arrow"), target.with_suffix(".json")
+    if not (arrow.is_file() and facts_file.is_file()):
+        _build(path, arrow, facts_file, caption_column, image_column)
+    return datasets.Dataset.from_file(str(arrow)), json.loads(facts_file.read_text())
+
+
+def _build(path: Path, arrow: Path, facts_file: Path, caption_column: str, image_column: str) -> None:
+    arrow.parent.mkdir(parents=True, exist_ok=True)
+    tmp = arrow.with_suffix(f".tmp{os.getpid()}")
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink:
+            builder = IndexBuilder(sink)
+            keys, parent = (image_column, *IMAGE_KEYS), str(path.parent.resolve())
+            for origin, row in read_rows(path, [image_column, *IMAGE_KEYS, caption_column, "caption"]):
+                builder.add(origin, _image(row, keys, parent), _caption(row, caption_column))
+            facts = builder.finish()
+        os.replace(tmp, arrow)
+    finally:
+        tmp.unlink(missing_ok=True)
+    facts_tmp = facts_file.with_suffix(f".tmp{os.getpid()}")
+    facts_tmp.write_text(json.dumps(facts))
+    os.replace(facts_tmp, facts_file)  # written last: the index counts as built only with its facts
+
+
+def _image(row, keys: tuple[str, ...], parent: str):
+    """The row's image: an http(s) URL or an absolute local path (relative ones are relative to the list)."""
+    image = next((row[k] for k in keys if row.get(k)), None) if isinstance(row, dict) else None
+    if not isinstance(image, str):
+        return BadItem("malformed_metadata")
+    if "://" in image:
+        # file://, ftp://, s3://...: only http(s) and local paths
+        return image if image.startswith(("http://", "https://")) else BadItem("invalid_url")
+    return image if os.path.isabs(image) else os.path.join(parent, image)
+
+
+def _caption(row, caption_column: str):
+    return row.get(caption_column, row.get("caption")) if isinstance(row, dict) else None
+
+
+def read_rows(path: Path, columns: list[str] | None = None):
+    """(origin, row dict, or None when malformed) for each row of a .jsonl, .csv or .parquet file (of a parquet
+    file only `columns`), streamed: a list is never read whole."""
+    if path.suffix == ".parquet":
+        yield from _parquet_rows(path, columns or [])
+    elif path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+            for number, row in enumerate(csv.DictReader(handle), start=2):
+                yield f"{path.name}:{number}", row
+    else:
+        yield from jsonl_rows(path)
+
+
+def jsonl_rows(path: Path):
+    """(origin, dict or None when the line is not a JSON object) for each non-blank line of a .jsonl file."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                row = None
+            yield f"{path.name}:{number}", row if isinstance(row, dict) else None
+
+
+def _parquet_rows(path: Path, columns: list[str]):
+    """Rows of a parquet file (e.g. LAION's `URL`, `TEXT`), reading only `columns`, a batch at a time."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+        wanted = [c for c in dict.fromkeys(columns) if c in table.schema_arrow.names]
+        number = 0
+        for batch in table.iter_batches(columns=wanted, batch_size=BATCH_ROWS):
+            for row in batch.to_pylist():
+                number += 1
+                yield f"{path.name}:{number}", row
+    except (OSError, pa.ArrowException) as error:
+        raise ValueError(f"`data.train_data_file` {str(path)!r} is not a readable parquet file: {error}") from error
