@@ -82,6 +82,7 @@ class DataConfig:
     cache_batch_size: int = _f(16, "Batch size when filling the latent and text caches.")
     cache_memory_mib: float = _f(1024, "Keep up to this many MiB of cache files in RAM once read (per loader worker).")
     download_workers: int = _f(8, "Parallel downloads for http(s) images.")
+    download_shard_size: int = _f(10_000, "Rows of a URL list per tar shard of the download cache (img2dataset's).")
     download_timeout: float = _f(10.0, "Seconds to connect, and between bytes, for a download.")
     download_total_timeout: float = _f(60.0, "Seconds a single download may take in all.")
     download_retries: int = _f(2, "Retries (with exponential backoff) after timeouts, 429 and 5xx answers.")
@@ -482,6 +483,7 @@ def _validate_ranges(config: TrainConfig) -> None:
         "logging.logging_steps": config.logging.logging_steps,
         "data.cache_batch_size": d.cache_batch_size,
         "data.download_workers": d.download_workers,
+        "data.download_shard_size": d.download_shard_size,
         "data.repeats": d.repeats,
         "data.max_empty_batches": d.max_empty_batches,
     }

@@ -273,7 +273,8 @@ def test_two_processes_see_every_item_once(tiny_model_dir, shapes_dir, tmp_path,
 
 @pytest.fixture
 def image_server():
-    """A local HTTP server: /red.png, /blue.png, anything else 404; counts requests per path."""
+    """A local HTTP server: /red.png, /blue.png, /flaky-<color>.png (a 503 first), anything else 404; counts
+    requests per path."""
     import io
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -288,8 +289,10 @@ def image_server():
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             hits[self.path] += 1
-            body = bodies.get(self.path)
-            self.send_response(200 if body else 404)
+            body = bodies.get(self.path.replace("/flaky-", "/"))
+            if self.path.startswith("/flaky-") and hits[self.path] == 1:
+                body = None  # a 503 on the first request, the image after
+            self.send_response(200 if body else 503 if self.path.startswith("/flaky-") else 404)
             self.send_header("Content-Length", str(len(body or b"")))
             self.end_headers()
             self.wfile.write(body or b"")
@@ -318,8 +321,29 @@ def test_url_list_downloads_once_and_counts_failures(image_server, tmp_path):
     assert sorted(c for i in data.train.items for c in i.captions) == ["blue", "red"]
     assert dict(data.report.bad) == {"http_404": 1} and "downloaded 2" in data.report.downloads
     again = prepare_data(allowed, progress=False, cache_dir=tmp_path / "cache")
-    assert hits["/red.png"] == hits["/blue.png"] == 1  # cached: not downloaded again
-    assert "cached 2" in again.report.downloads and len(again.train.items) == 2
+    assert hits["/red.png"] == hits["/blue.png"] == hits["/gone.png"] == 1  # cached; a 404 is not retried
+    assert "reused 1" in again.report.downloads and len(again.train.items) == 2
+    # Downloads land in tar shards, not one file per image, and items are read from inside them.
+    assert [p.suffix for p in (tmp_path / "cache" / "shards").rglob("*.*") if p.suffix in (".tar", ".png")] == [".tar"]
+    colors = {again.train.source.load(item.index)[0].getpixel((5, 5)): item.captions for item in again.train.items}
+    assert colors == {(220, 30, 30): ["red"], (30, 30, 220): ["blue"]}
+
+
+def test_only_the_main_process_retries_transient_failures(image_server, tmp_path):
+    """A 503 is tried again by the next run's main process; the other processes take the main process's shards
+    as they are (no request), so every process keeps the same items."""
+    base, hits = image_server
+    rows = [{"image": f"{base}/red.png", "text": "red"}, {"image": f"{base}/flaky-blue.png", "text": "blue"}]
+    (tmp_path / "urls.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = data_config(f"data.train_data_file={tmp_path / 'urls.jsonl'}", "data.max_bad_fraction=0.5",
+                      "data.download_retries=0", "data.allow_private_urls=true")  # fmt: skip
+    first = prepare_data(cfg, progress=False, cache_dir=tmp_path / "cache")
+    assert dict(first.report.bad) == {"http_503": 1}
+    other = prepare_data(cfg, progress=False, cache_dir=tmp_path / "cache", reuse_failures=True)
+    assert hits["/flaky-blue.png"] == 1 and dict(other.report.bad) == {"http_503": 1}
+    main = prepare_data(cfg, progress=False, cache_dir=tmp_path / "cache")
+    assert hits["/flaky-blue.png"] == 2 and hits["/red.png"] == 1 and not main.report.bad
+    assert sorted(c for i in main.train.items for c in i.captions) == ["blue", "red"]
 
 
 def test_laion_style_parquet_url_list(image_server, tmp_path):

@@ -167,6 +167,30 @@ def test_resume_requests_only_incomplete_shards(server, tmp_path):
     assert read_member(tmp_path, record["shard"], record["offset"], record["size"]) == JPEG
 
 
+def test_retry_fetches_only_transient_failures_of_complete_shards(server, tmp_path):
+    rows = [(server.url(f"/img.png?t=retry{i}"), f"image {i}") for i in range(6)]
+    rows[1] = (server.url("/flaky?t=retry-503&code=503"), "flaky")  # 503 on the first request, then the image
+    rows[4] = (server.url("/missing?t=retry"), "gone")  # a 404 is final: never requested again
+    first = shard(rows, tmp_path)
+    assert first.failed == Counter(http_503=1, http_404=1)
+    before = server.snapshot()
+    assert shard(rows, tmp_path).reused_shards == 2 and server.snapshot() == before  # no retry unless asked
+    retried = shard(rows, tmp_path, retry_failed=True)
+    assert server.snapshot() - before == Counter({"/flaky?t=retry-503&code=503": 1})  # the others from the tar
+    assert (retried.reused_shards, retried.downloaded, retried.failed) == (1, 3, Counter())  # shard 1: a 404 only
+    table = retried.table().to_pylist()
+    assert [r["status"] for r in table] == ["success"] * 4 + ["http_404", "success"]
+    assert all(read_member(tmp_path, r["shard"], r["offset"], r["size"]) == PNG for r in table if r["member"])
+
+
+def test_a_changed_safety_setting_redoes_the_shards(server, tmp_path, monkeypatch):
+    # 127.0.0.1 is private: refused without a request, and that outcome must not outlive the setting.
+    rows = [(server.url(f"/img.png?t=setting{i}"), "x") for i in range(2)]
+    assert shard(rows, tmp_path, allow_private_urls=False).failed == Counter(private_address=2)
+    allowed = shard(rows, tmp_path)
+    assert allowed.downloaded == 2 and allowed.reused_shards == 0
+
+
 def test_interruption_leaves_complete_shards_only(server, tmp_path, monkeypatch):
     rows = Rows((server.url(f"/img.png?t=interrupt{i}"), f"image {i}") for i in range(8))
     real_fetch = shards.fetch_image

@@ -10,6 +10,10 @@ out; the index holds the rest as `image`, `captions` (list of str) and `origin` 
 The index is cached under `cache_dir/index/`, keyed by the list's path, size and modification time and the
 column names, so a later run (or another process of this one) opens it in milliseconds. It is written under a
 temporary name and renamed: an interrupted build leaves no index, and the next run builds it again.
+
+Rows whose image is a URL are downloaded into tar shards (`ldm_tune.data.shards`, the img2dataset model: a few
+large files, not one per image) by `resolve_urls`, which gives the rows that point into the shards: `image` is
+then the shard's path, `offset` and `size` where the image bytes lie in it (-1 for a plain file).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from ldm_tune.data.images import BadItem
@@ -31,6 +36,7 @@ INDEX_VERSION = 1  # bump when the schema or the row checks change: older indexe
 BATCH_ROWS = 65_536  # rows parsed per Arrow record batch: bounds the Python objects alive during a build
 IMAGE_KEYS = ("image", "image_url", "file_name", "url", "path")
 SCHEMA = pa.schema([("image", pa.string()), ("captions", pa.list_(pa.string())), ("origin", pa.string())])
+URL_PATTERN = "^https?://"
 EXAMPLES = 3  # origins kept per bad reason
 
 
@@ -185,3 +191,74 @@ def _parquet_rows(path: Path, columns: list[str]):
                 yield f"{path.name}:{number}", row
     except (OSError, pa.ArrowException) as error:
         raise ValueError(f"`data.train_data_file` {str(path)!r} is not a readable parquet file: {error}") from error
+
+
+def resolve_urls(rows, cfg, cache_dir: Path, name: str, progress: bool = True, retry_failed: bool = True):
+    """Download the rows' http(s) images into the shards of `cache_dir/shards/<name>`; returns `(rows, facts,
+    report)`: the rows with shard references instead of URLs, the facts of the rows whose download failed (left
+    out), and the `ShardReport` (None when no row is a URL).
+
+    Complete shards are reused without a request; `retry_failed` fetches again the transient failures of earlier
+    runs. Only the main process may retry: the others read its shards as they are, so all keep the same items.
+    """
+    import pyarrow.compute as pc
+
+    from ldm_tune.data.shards import download_to_shards
+
+    table = rows.data.table
+    positions = np.flatnonzero(pc.match_substring_regex(table.column("image"), URL_PATTERN).to_numpy(False))
+    if not len(positions):
+        return rows, None, None
+    report = download_to_shards(
+        _UrlRows(table, positions), cache_dir / "shards" / name, shard_size=cfg.download_shard_size,
+        workers=cfg.download_workers, connect_timeout=cfg.download_timeout, read_timeout=cfg.download_timeout,
+        total_timeout=cfg.download_total_timeout, retries=cfg.download_retries, max_bytes=cfg.max_download_bytes,
+        allow_private_urls=cfg.allow_private_urls, retry_failed=retry_failed, progress=progress,
+    )  # fmt: skip
+    got = report.table()
+    ok = pc.equal(got.column("status"), "success")
+    failed = positions[~ok.to_numpy(False)]
+    builder = IndexBuilder()  # counts the failures, with examples: only the failed rows become Python objects
+    for position, status in zip(failed, got.column("status").filter(pc.invert(ok)).to_pylist(), strict=True):
+        builder.skip(table.column("origin")[int(position)].as_py(), status)
+    # Arrow's own kernels from here: no Python object per row, whatever the corpus size.
+    at_url = np.zeros(len(table), bool)
+    at_url[positions[ok.to_numpy(False)]] = True
+    mask, kept = pa.array(at_url), got.filter(ok)
+    shard_paths = pc.binary_join_element_wise(str(report.out_dir) + os.sep, kept.column("shard"), "")
+    image = pc.replace_with_mask(table.column("image").combine_chunks(), mask, shard_paths.combine_chunks())
+    unset = pa.array(np.full(len(table), -1, np.int64))
+    offset, size = (pc.replace_with_mask(unset, mask, kept.column(c).combine_chunks()) for c in ("offset", "size"))
+    keep = np.ones(len(table), bool)
+    keep[failed] = False
+    resolved = table.set_column(0, "image", image).append_column("offset", offset).append_column("size", size)
+    resolved = resolved.filter(keep)
+    return _write(resolved, cache_dir / "index" / f"{name}-shards.arrow"), builder.finish(), report
+
+
+class _UrlRows:
+    """(url, caption) of the URL rows, read one at a time from the Arrow columns (a Sequence for the shards)."""
+
+    def __init__(self, table: pa.Table, positions: np.ndarray):
+        self.images, self.captions, self.positions = table.column("image"), table.column("captions"), positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int):
+        captions = self.captions[int(self.positions[i])].as_py()
+        # A single caption is written as the shard's `.txt`, so the shards also read as a WebDataset.
+        return self.images[int(self.positions[i])].as_py(), captions[0] if len(captions) == 1 else captions
+
+
+def _write(table: pa.Table, path: Path):
+    import datasets
+
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return datasets.Dataset.from_file(str(path))

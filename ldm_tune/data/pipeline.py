@@ -22,7 +22,7 @@ import numpy as np
 
 from ldm_tune.config import DataConfig, DreamBoothConfig
 from ldm_tune.data.buckets import ItemSizes, assign_bucket, make_buckets
-from ldm_tune.data.index import open_pair_list
+from ldm_tune.data.index import open_pair_list, resolve_urls
 from ldm_tune.data.items import ItemTable
 from ldm_tune.data.scan import DataReport, scan_source
 from ldm_tune.data.sources import (
@@ -30,7 +30,6 @@ from ldm_tune.data.sources import (
     HFDatasetSource,
     RecordSource,
     read_image_folder,
-    resolve_urls,
     size_limits,
 )
 
@@ -61,22 +60,29 @@ class PreparedData:
     validation_report: DataReport | None
 
 
-def _file_source(rows, facts: dict, cfg: DataConfig, cache_dir: Path, report: DataReport, progress: bool,
-                 reuse_failures: bool = False):  # fmt: skip
+def _file_source(rows, facts: dict, cfg: DataConfig, report: DataReport) -> RecordSource:
     report.add_skipped(facts)
-    rows, failed, downloads = resolve_urls(rows, cfg, cache_dir, progress, reuse_failures)
+    return RecordSource(rows, cfg.max_image_pixels, size_limits(cfg))
+
+
+def _list_source(cfg: DataConfig, cache_dir: Path, report: DataReport, progress: bool, reuse_failures: bool):
+    """The source of a pair list: its index, with URL rows downloaded into shards (by the main process; the
+    others, `reuse_failures`, read its shards without retrying anything)."""
+    rows, facts = open_pair_list(cfg.train_data_file, cache_dir, cfg.caption_column, cfg.image_column)
+    # Shards are named after the list's path, not its contents: an edited list reuses its unchanged shards.
+    name = hashlib.sha256(str(Path(cfg.train_data_file).resolve()).encode()).hexdigest()[:24]
+    rows, failed, downloads = resolve_urls(rows, cfg, cache_dir, name, progress, retry_failed=not reuse_failures)
     report.downloads = downloads.summary() if downloads is not None else None
     report.add_skipped(failed)
-    return RecordSource(rows, cfg.max_image_pixels, size_limits(cfg))
+    return _file_source(rows, facts, cfg, report)
 
 
 def _read(cfg: DataConfig, folder: str | None, cache_dir: Path, report: DataReport, progress: bool,
           reuse_failures: bool = False, key: str = "data.train_data_dir"):  # fmt: skip
     if folder is not None:
-        return _file_source(*read_image_folder(folder, cfg.caption_column, key=key), cfg, cache_dir, report, progress)
+        return _file_source(*read_image_folder(folder, cfg.caption_column, key=key), cfg, report)
     if cfg.train_data_file is not None:
-        rows = open_pair_list(cfg.train_data_file, cache_dir, cfg.caption_column, cfg.image_column)
-        return _file_source(*rows, cfg, cache_dir, report, progress, reuse_failures)
+        return _list_source(cfg, cache_dir, report, progress, reuse_failures)
     return HFDatasetSource.from_config(cfg)
 
 
@@ -162,7 +168,7 @@ class _Scanner:
         """Read and scan an image folder of a DreamBooth source; returns (source, items, report)."""
         report = DataReport()
         rows = read_image_folder(folder, self.cfg.caption_column, caption=caption, limit=limit, key=key)
-        source = _file_source(*rows, self.cfg, self.cache_dir, report, self.progress)
+        source = _file_source(*rows, self.cfg, report)
         items, report = self(source, _scan_cache_path(self.cache_dir, self.cfg, origin=folder), report, name)
         return source, items, report
 

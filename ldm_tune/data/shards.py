@@ -52,6 +52,8 @@ SCHEMA = pa.schema(
     [("row", pa.int64()), ("url", pa.string()), ("status", pa.string()), ("member", pa.string()),
      ("offset", pa.int64()), ("size", pa.int64())]
 )  # fmt: skip
+# Failures worth a new try on a later run (`retry_failed`), with any 5xx: the server or the network may recover.
+TRANSIENT = frozenset({"timeout", "connection_error", "dns_error", "http_429"})
 # Fetches in flight per worker. Results are written in row order, so finished ones wait behind a slow one; the
 # window bounds that wait's memory to about workers * IN_FLIGHT_PER_WORKER * max_bytes.
 IN_FLIGHT_PER_WORKER = 4
@@ -123,12 +125,15 @@ def download_to_shards(
     backoff: float = 0.5,
     max_bytes: int = 20 * 2**20,
     allow_private_urls: bool = False,
+    retry_failed: bool = False,
     progress: bool = True,
 ) -> ShardReport:
     """Download `rows` (a Sequence of (url, caption) pairs; caption a str, a list of str, or None) into shards.
 
     Only `len(rows)` and `rows[i]` are used, one shard's slice at a time, so rows may be a lazy view of a large
     table. `total_timeout` bounds each URL as a whole (attempts, redirect hops and backoff pauses together).
+    `retry_failed`: in complete shards, fetch again the rows that failed for a transient reason (`TRANSIENT`);
+    the shard is rewritten with its other rows taken from its own tar, without a request.
     """
     if shard_size < 1:
         raise ValueError(f"`shard_size` must be >= 1, got {shard_size}.")
@@ -149,13 +154,16 @@ def download_to_shards(
     try:
         for k, start in enumerate(range(0, total, shard_size)):
             pairs = [_pair(rows[i], i) for i in range(start, min(start + shard_size, total))]
-            writer = _ShardWriter(out, k, start, shard_size, pairs)
+            writer = _ShardWriter(out, k, start, shard_size, pairs, opts)
             report.shard_names.append(writer.tar_path.name)
+            tasks = [functools.partial(fetch, url) for url, _ in pairs]
             if writer.is_complete():
-                report.reused_shards += 1
-                bar.update(len(pairs))
-                continue
-            outcomes = _in_order(pool, fetch, [url for url, _ in pairs], workers * IN_FLIGHT_PER_WORKER)
+                tasks = _retry_tasks(writer, fetch) if retry_failed else None
+                if tasks is None:
+                    report.reused_shards += 1
+                    bar.update(len(pairs))
+                    continue
+            outcomes = _in_order(pool, tasks, workers * IN_FLIGHT_PER_WORKER)
             with contextlib.closing(outcomes):  # on an error, cancel this shard's queued fetches at once
                 stats = writer.write(outcomes, bar)
             report.downloaded += stats["successes"]
@@ -184,12 +192,36 @@ def _pair(row, index: int) -> tuple[object, str | list[str] | None]:
     raise TypeError(f"row {index}: a caption must be a str, a list of str or None, got {type(caption).__name__}.")
 
 
-def _in_order(pool: ThreadPoolExecutor, fetch, urls: list, window: int):
-    """Yield fetch(url) for each URL in order, with at most `window` fetches submitted and not yet yielded."""
+def _retry_tasks(writer: _ShardWriter, fetch) -> list | None:
+    """The outcome of each row of a complete shard when its transient failures are fetched again: a fetch for
+    those, the bytes already in the tar for successes, the recorded reason otherwise; None when none is transient.
+    """
+    table = pq.read_table(writer.parquet_path, schema=SCHEMA).to_pylist()
+    if not any(r["status"] in TRANSIENT or r["status"].startswith("http_5") for r in table):
+        return None
+    tasks = []
+    for (url, _), r in zip(writer.pairs, table, strict=True):
+        if r["status"] == "success":
+            ext = r["member"].rsplit(".", 1)[1]
+            read = functools.partial(read_member, writer.out, writer.tar_path.name, r["offset"], r["size"])
+            tasks.append(functools.partial(_stored, read, ext))
+        elif r["status"] in TRANSIENT or r["status"].startswith("http_5"):
+            tasks.append(functools.partial(fetch, url))
+        else:
+            tasks.append(functools.partial(str, r["status"]))
+    return tasks
+
+
+def _stored(read, ext: str) -> tuple[bytes, str]:
+    return read(), ext
+
+
+def _in_order(pool: ThreadPoolExecutor, tasks: list, window: int):
+    """Yield task() for each task in order, with at most `window` tasks submitted and not yet yielded."""
     pending: collections.deque = collections.deque()
     try:
-        for url in urls:
-            pending.append(pool.submit(fetch, url))
+        for task in tasks:
+            pending.append(pool.submit(task))
             if len(pending) >= window:
                 yield pending.popleft().result()
         while pending:
@@ -199,9 +231,12 @@ def _in_order(pool: ThreadPoolExecutor, fetch, urls: list, window: int):
             future.cancel()
 
 
-def _fingerprint(urls: list, shard_size: int) -> str:
-    """What makes a shard's files valid: its URLs and the row -> shard mapping (shard_size)."""
-    text = json.dumps({"shard_size": shard_size, "urls": urls}, default=repr)  # repr: a non-str URL still counts
+def _fingerprint(urls: list, shard_size: int, opts: DownloadOptions) -> str:
+    """What makes a shard's files valid: its URLs, the row -> shard mapping (shard_size), and the options that
+    decide an outcome for good (a `private_address` or `too_large` failure must not outlive its setting)."""
+    fields = {"shard_size": shard_size, "urls": urls, "allow_private_urls": opts.allow_private_urls,
+              "max_bytes": opts.max_bytes}  # fmt: skip
+    text = json.dumps(fields, default=repr)  # repr: a non-str URL still counts
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
@@ -209,13 +244,13 @@ class _ShardWriter:
     """The three files of shard k; `write` builds them from the fetch outcomes, in the order that makes resume
     safe (stats removed first, tar and parquet renamed into place, stats written last)."""
 
-    def __init__(self, out: Path, k: int, start: int, shard_size: int, pairs: list):
+    def __init__(self, out: Path, k: int, start: int, shard_size: int, pairs: list, opts: DownloadOptions):
         self.out, self.k, self.start, self.shard_size, self.pairs = out, k, start, shard_size, pairs
         self.prefix = f"{k:05d}"
         self.tar_path = out / f"{self.prefix}.tar"
         self.parquet_path = out / f"{self.prefix}.parquet"
         self.stats_path = out / f"{self.prefix}_stats.json"
-        self.fingerprint = _fingerprint([url for url, _ in pairs], shard_size)
+        self.fingerprint = _fingerprint([url for url, _ in pairs], shard_size, opts)
         # Key = shard number + index in the shard, the index as wide as shard_size needs, so keys sort in row order.
         self.index_width = max(4, len(str(shard_size - 1)))
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import json
 from pathlib import Path
 
 from ldm_tune.config import DataConfig
 from ldm_tune.data.images import BadItem, check_size, decode_image
 from ldm_tune.data.index import IndexBuilder, read_rows
+from ldm_tune.data.shards import read_member
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -31,7 +31,8 @@ MAX_PIXELS_DEFAULT = 89_478_485
 
 
 class RecordSource:
-    """Items whose images are local files: Arrow rows of `image` (path), `captions` and `origin`.
+    """Items whose images are local files: Arrow rows of `image` (path), `captions` and `origin`; rows of a URL
+    list also have `offset` and `size`, and an image at offset >= 0 is that member of the tar shard at `image`.
 
     Rows are read from the Arrow columns directly (about a microsecond, against ~20 for `datasets`' row access);
     the `datasets.Dataset` is kept for pickling: a memory-mapped one travels to loader workers as its file path.
@@ -51,15 +52,21 @@ class RecordSource:
     def origin(self, index: int) -> str:
         return self._value("origin", index)
 
+    def _offset(self, index: int) -> int:
+        return self._value("offset", index) if "offset" in self.rows.column_names else -1
+
     def file(self, index: int) -> Path | None:
-        return Path(self._value("image", index))
+        return Path(self._value("image", index)) if self._offset(index) < 0 else None
 
     def caption(self, index: int):
         return self._value("captions", index)
 
     def load(self, index: int, fixes: list[str] | None = None):
-        image = decode_image(self._value("image", index), self.max_pixels, fixes)
-        return _checked(image, self.limits), self.caption(index)
+        data, offset = self._value("image", index), self._offset(index)
+        if offset >= 0:  # a downloaded image, inside its tar shard
+            shard = Path(data)
+            data = read_member(shard.parent, shard.name, offset, self._value("size", index))
+        return _checked(decode_image(data, self.max_pixels, fixes), self.limits), self.caption(index)
 
 
 class HFDatasetSource:
@@ -228,41 +235,3 @@ class ConcatSource:
     def load(self, index: int, fixes: list[str] | None = None):
         k, i = self._locate(index)
         return self.sources[k].load(i, fixes)
-
-
-def resolve_urls(rows, cfg: DataConfig, cache_dir: Path, progress: bool = True, reuse_failures: bool = False):
-    """Download the rows' http(s) images once into the cache; returns (rows with local paths, facts of the rows
-    whose download failed, download report).
-
-    Failures are not cached across runs (they may be transient), but within a run the main process records them
-    and the other processes (`reuse_failures=True`) take its answers, so every process keeps the same items.
-    """
-    import pyarrow.compute as pc
-
-    images = rows.data.table.column("image")
-    urls = pc.filter(images, pc.match_substring_regex(images, "^https?://")).to_pylist()
-    if not urls:
-        return rows, None, None
-    from ldm_tune.data.download import download_images
-
-    failures_file = cache_dir / "downloads" / "failures-of-last-run.json"
-    known = json.loads(failures_file.read_text()) if reuse_failures and failures_file.is_file() else {}
-    results, report = download_images(
-        [u for u in urls if u not in known], cache_dir / "downloads", workers=cfg.download_workers,
-        connect_timeout=cfg.download_timeout, read_timeout=cfg.download_timeout,
-        total_timeout=cfg.download_total_timeout, retries=cfg.download_retries, max_bytes=cfg.max_download_bytes,
-        allow_private_urls=cfg.allow_private_urls, progress=progress,
-    )  # fmt: skip
-    results.update(known)
-    if not reuse_failures:
-        failures = {url: r for url, r in results.items() if isinstance(r, str)}
-        failures_file.parent.mkdir(parents=True, exist_ok=True)
-        failures_file.write_text(json.dumps(failures))
-    builder = IndexBuilder()
-    for row in rows:
-        result = results.get(row["image"], row["image"])
-        if isinstance(result, str) and row["image"] in results:
-            builder.skip(row["origin"], result)
-        else:
-            builder.add(row["origin"], str(result), row["captions"])
-    return builder.dataset(), builder.finish(), report
