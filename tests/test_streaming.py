@@ -226,6 +226,67 @@ def test_a_stream_resumes_at_its_position_without_reading_consumed_samples(tmp_p
     assert pending_seen and mid_shard_seen  # the cuts did fall with samples pending and inside a shard
 
 
+def make_hf_parquet(folder: Path, files: int = 3, rows: int = 7) -> None:
+    """A Hugging Face dataset of `files` parquet files (one stream part each): square and wide images, and one
+    corrupt image and one missing caption in the first file."""
+    import datasets
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        images = [image_bytes((64, 32) if i % 2 else (40, 40), (30 * i, 20 * f, 90)) for i in range(rows)]
+        captions = [f"file {f} row {i}" for i in range(rows)]
+        if f == 0:
+            images[2], captions[4] = b"not an image", None
+        table = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in images], "text": captions},
+                                           features=datasets.Features({"image": datasets.Image(),
+                                                                       "text": datasets.Value("string")}))  # fmt: skip
+        table.to_parquet(str(folder / f"train-{f:05d}-of-{files:05d}.parquet"))
+
+
+def test_a_hugging_face_stream_resumes_at_its_position_without_decoding_consumed_rows(tmp_path, monkeypatch):
+    """As for shards: cut after every batch, the resumed stream yields the rest exactly; rows before the position
+    are read past as bytes, never built (decoded) again, and earlier data files are not opened."""
+    import datasets
+
+    from ldm_tune.data import streaming
+
+    make_hf_parquet(tmp_path / "hf")
+    monkeypatch.setattr(streaming.HFStreamSamples, "SHUFFLE_BLOCK", 4)  # several blocks per file
+    cfg = data_cfg(f"data.dataset_name={tmp_path / 'hf'}", "data.streaming=true", "data.resolution=32",
+                   "data.bucketing=true", "data.bucket_step=16")  # fmt: skip
+    transforms = TextImageDataset(None, [], [], build_tokenizer(), random_flip=True, caption_dropout=0.3)
+    opened, built = [], []
+    shard, item = datasets.IterableDataset.shard, StreamingDataset._item
+    monkeypatch.setattr(
+        datasets.IterableDataset, "shard", lambda self, **k: opened.append(k["index"]) or shard(self, **k)
+    )
+    monkeypatch.setattr(StreamingDataset, "_item", lambda self, key, *a: built.append(key) or item(self, key, *a))
+
+    def stream():
+        return StreamingDataset(lambda epoch, start=None: streaming.hf_streaming_samples(cfg, 0, epoch, start),
+                                transforms, cfg, batch_size=3, positions=True)  # fmt: skip
+
+    straight = stream()
+    straight.start_epoch(1)
+    expected, every_read = list(straight), list(built)
+    assert sum(len(b["keys"]) for b in expected) == 19 and sum(len(b["skipped"]) for b in expected) == 2
+    assert [k for k in every_read if k.startswith("part0:")] != [f"part0:{i}" for i in range(7)]  # shuffled
+    order = streaming.shard_order([0, 1, 2], 0, 1)
+    for cut in range(1, len(expected) + 1):
+        first = stream()
+        first.start_epoch(1)
+        built.clear()
+        head = list(itertools.islice(iter(first), cut))
+        state, read_before = first.state_dict(), len(built)
+        pending = [raw[0] for _, raws in state["buffers"] for raw in raws]
+        opened.clear(), built.clear()
+        resumed = stream()
+        resumed.load_state_dict(state)
+        assert_same_batches(head + list(resumed), expected)
+        assert opened == order[state["source"]["shard"] :], cut
+        assert built == pending + every_read[read_before:], cut
+
+
 def test_a_killed_streamed_run_resumes_exactly(straight_and_resumed, tmp_path):
     """Killed mid-epoch with samples pending in the bucket buffers, resumed: the same losses and the same UNet."""
     import torch

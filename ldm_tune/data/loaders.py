@@ -97,13 +97,11 @@ def stream_loader(config: TrainConfig, accelerator, train: TextImageDataset) -> 
             return webdataset_samples(shards, d.caption_column, config.seed, epoch, start)
     else:
 
-        def samples(epoch):
-            return hf_streaming_samples(d, config.seed, epoch)
+        def samples(epoch, start=None):  # data files and row offsets: positions as for shards
+            return hf_streaming_samples(d, config.seed, epoch, start)
 
     size = config.training.train_batch_size * accelerator.num_processes
-    # A Hugging Face stream records no position: `datasets`' own state_dict loses its shuffle buffer on resume,
-    # which would change the order. The trainer reads past its consumed batches instead.
-    dataset = StreamingDataset(samples, train, d, size, config.seed, positions=d.train_shards is not None)
+    dataset = StreamingDataset(samples, train, d, size, config.seed, positions=True)
     return MainProcessStream(dataset, accelerator, d.dataloader_num_workers)
 
 

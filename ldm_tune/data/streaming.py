@@ -72,8 +72,8 @@ def _caption_of(sample: dict, caption_column: str):
     return None
 
 
-def shard_order(shards: list[str], seed: int, epoch: int) -> list[str]:
-    """The epoch's seeded order of the shards."""
+def shard_order(shards: list, seed: int, epoch: int) -> list:
+    """The epoch's seeded order of the shards (or other parts of a stream)."""
     return [shards[i] for i in np.random.default_rng([seed, epoch + 1]).permutation(len(shards))]
 
 
@@ -84,33 +84,49 @@ def read_shard(url: str, handler):
     return tarfile_samples([{"url": url}], handler=handler)
 
 
-class ShardSamples:
-    """(key, image bytes, caption) per sample of the shards, shards in the epoch's seeded order; bad ones as BadItem.
+class PositionedSamples:
+    """Samples read part by part (tar shards, or the data files of a Hugging Face stream), parts in the epoch's
+    seeded order, recording where the stream stands so that a resumed run starts there.
 
-    `position` is where the stream stands after the last entry yielded: the shard's place in this reader's order and
-    how many of its entries were yielded. Started at a position (`start`), earlier shards are not opened and the
-    shard's first entries are read past as raw tar members, no image decoded.
+    `position` is where the stream stands after the last entry yielded: the part's place in this reader's order and
+    how many of its entries were yielded. Started at a position (`start`), earlier parts are not opened and the
+    part's first entries are read past undecoded (raw tar members, or rows with undecoded image bytes).
     """
 
-    def __init__(self, shards: list[str], caption_column: str, seed: int, epoch: int, start: dict | None = None):
-        order = shard_order(shards, seed, epoch)
+    def __init__(self, parts: list, seed: int, epoch: int, start: dict | None = None):
+        order = shard_order(parts, seed, epoch)
         info = get_worker_info()
-        if info is not None:  # each DataLoader worker reads its own shards (as webdataset's `split_by_worker`)
+        if info is not None:  # each DataLoader worker reads its own parts (as webdataset's `split_by_worker`)
             order = order[info.id :: info.num_workers]
-        self.order, self.caption_column = order, caption_column
+        self.order, self.seed, self.epoch = order, seed, epoch
         self.position = dict(start or {"shard": 0, "offset": 0})
 
     def __iter__(self):
         start = self.position
         for index in range(start["shard"], len(self.order)):
             skip = start["offset"] if index == start["shard"] else 0
-            entries = itertools.islice(self._entries(self.order[index]), skip, None)
+            entries = self._entries(self.order[index], skip)
             for offset, entry in enumerate(entries, skip + 1):
                 self.position = {"shard": index, "offset": offset}
                 yield entry
-        self.position = {"shard": len(self.order), "offset": 0}  # every shard read: a resume opens none
+        self.position = {"shard": len(self.order), "offset": 0}  # every part read: a resume opens none
 
-    def _entries(self, url: str):
+    def _entries(self, part, skip: int):
+        """(key, image or bytes or BadItem, caption) per entry of `part`, from its `skip`-th entry."""
+        raise NotImplementedError
+
+
+class ShardSamples(PositionedSamples):
+    """(key, image bytes, caption) per sample of WebDataset tar shards; bad ones as BadItem."""
+
+    def __init__(self, shards: list[str], caption_column: str, seed: int, epoch: int, start: dict | None = None):
+        super().__init__(shards, seed, epoch, start)
+        self.caption_column = caption_column
+
+    def _entries(self, url: str, skip: int):
+        return itertools.islice(self._samples(url), skip, None)
+
+    def _samples(self, url: str):
         failures = []
 
         def record(error: Exception) -> bool:  # a corrupt shard is skipped and counted, the stream goes on
@@ -139,20 +155,49 @@ def webdataset_samples(shards: list[str], caption_column: str, seed: int, epoch:
     return ShardSamples(shards, caption_column, seed, epoch, start)
 
 
-def hf_streaming_samples(cfg, seed: int, epoch: int):
-    """(key, image, caption) per row of a Hugging Face dataset opened with `streaming=True`."""
-    import datasets
+class HFStreamSamples(PositionedSamples):
+    """(key, image bytes, caption) per row of a Hugging Face dataset opened with `streaming=True`.
 
-    stream = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, split=cfg.dataset_split, streaming=True)
-    stream = stream.shuffle(seed=seed, buffer_size=1000)
-    stream.set_epoch(epoch)
-    info = get_worker_info()
-    worker = info.id if info is not None else 0
-    for number, row in enumerate(stream):
-        value = row.get(cfg.image_column)
-        if isinstance(value, dict):
+    The parts are the stream's data files (`IterableDataset.shard`); rows are shuffled within blocks of
+    `SHUFFLE_BLOCK` by a generator seeded by (seed, epoch, part, block), in place of `datasets`' shuffle buffer,
+    whose state a checkpoint cannot hold (`IterableDataset.state_dict` drops the buffer, so a resumed run would
+    see another order). Images are read as bytes (`decode=False`): rows before a resume position are skipped
+    without decoding, and a corrupt image is a counted BadItem.
+    """
+
+    SHUFFLE_BLOCK = 1000  # rows held at once, as the buffer of `datasets`' shuffle(buffer_size=1000) was
+
+    def __init__(self, cfg, seed: int, epoch: int, start: dict | None = None):
+        import datasets
+
+        stream = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, split=cfg.dataset_split,
+                                       streaming=True)  # fmt: skip
+        if isinstance((stream.features or {}).get(cfg.image_column), datasets.Image):
+            stream = stream.cast_column(cfg.image_column, datasets.Image(decode=False))
+        self.stream, self.cfg = stream, cfg
+        super().__init__(list(range(stream.num_shards)), seed, epoch, start)
+
+    def _entries(self, part: int, skip: int):
+        rows = iter(self.stream.shard(num_shards=self.stream.num_shards, index=part))
+        block_number, skip_in_block = divmod(skip, self.SHUFFLE_BLOCK)
+        for _ in itertools.islice(rows, block_number * self.SHUFFLE_BLOCK):  # read past whole blocks, undecoded
+            pass
+        while block := list(itertools.islice(rows, self.SHUFFLE_BLOCK)):
+            rng = np.random.default_rng([self.seed, self.epoch + 1, part, block_number])
+            for i in rng.permutation(len(block))[skip_in_block:]:
+                yield self._entry(part, block_number * self.SHUFFLE_BLOCK + int(i), block[i])
+            block_number, skip_in_block = block_number + 1, 0
+
+    def _entry(self, part: int, number: int, row: dict):
+        value = row.get(self.cfg.image_column)
+        if isinstance(value, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
             value = value.get("bytes") or value.get("path")
-        yield f"{worker}:{number}", value, row.get(cfg.caption_column)
+        return f"part{part}:{number}", value, row.get(self.cfg.caption_column)
+
+
+def hf_streaming_samples(cfg, seed: int, epoch: int, start: dict | None = None) -> HFStreamSamples:
+    """The rows of a streaming Hugging Face dataset for `epoch`, from the start or from a position."""
+    return HFStreamSamples(cfg, seed, epoch, start)
 
 
 class StreamingDataset(IterableDataset):
@@ -275,17 +320,16 @@ class MainProcessStream:
     def load_state_dict(self, state: dict, epoch: int, batches: int) -> bool:
         """Start the next iteration where a checkpoint's stream stood, after `batches` batches of `epoch`.
 
-        Returns False where no position is recorded (a Hugging Face stream, or a checkpoint from before positions
-        were recorded): the caller must read past the consumed batches. Every process takes the same decision.
+        Returns False where no position is recorded (a checkpoint from before positions were recorded): the caller
+        must read past the consumed batches. Every process takes the same decision.
         """
         if not self.dataset.positions:
             return False
         workers = max(self.num_workers, state.get("workers", 0))
         if workers:
             raise ValueError(
-                "`data.dataloader_num_workers` must be 0 to resume a run streamed from `data.train_shards` "
-                "mid-epoch (and must have been 0 when the checkpoint was written): each loader worker keeps its "
-                f"shards' position and buffers to itself; got {self.num_workers} now and "
+                "`data.dataloader_num_workers` must be 0 to resume a streamed run mid-epoch (and must have been 0 when the checkpoint was written): each loader worker keeps its "
+                f"stream parts' position and buffers to itself; got {self.num_workers} now and "
                 f"{state.get('workers', 0)} in the checkpoint. Resume from a checkpoint written at the end of an "
                 "epoch, or start a new `output_dir` with `data.dataloader_num_workers=0`."
             )
