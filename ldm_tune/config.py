@@ -87,7 +87,22 @@ class DataConfig:
     download_total_timeout: float = _f(60.0, "Seconds a single download may take in all.")
     download_retries: int = _f(2, "Retries (with exponential backoff) after timeouts, 429 and 5xx answers.")
     max_download_bytes: int = _f(50 * 2**20, "Refuse downloads larger than this many bytes.")
-    allow_private_urls: bool = _f(False, "Allow URLs on private, loopback and link-local addresses.")
+    allowed_networks: list[str] = _f(
+        [],
+        "Non-public networks that URLs may reach, as CIDRs (e.g. [127.0.0.0/8] for a local mirror); link-local "
+        "and cloud-metadata addresses stay refused whatever this says.",
+    )
+    use_env_proxies: bool = _f(
+        False, "Send downloads through the environment's proxies (the address checks then cannot protect you)."
+    )
+    image_formats: list[str] = _f(
+        ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"], "Image formats opened from any source; others are skipped."
+    )
+    image_root: str | None = _f(
+        None,
+        "Folder that local paths of `train_data_file` must stay in (default: the list's folder); relative paths "
+        "are relative to it. Set it (e.g. /data) for lists of absolute paths elsewhere.",
+    )
 
 
 @dataclass
@@ -263,10 +278,20 @@ def _coerce(key: str, value, tp):
     return value
 
 
+# Keys that no longer exist, and what replaced them.
+RENAMED = {
+    "allow_private_urls": "list the networks a mirror lives in as `data.allowed_networks`, e.g. [127.0.0.0/8] "
+    "(link-local and cloud-metadata addresses cannot be allowed).",
+}
+
+
 def _build(cls, values: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))
+    for key in unknown:
+        if key in RENAMED:
+            raise ValueError(f"`{prefix}{key}` was replaced: {RENAMED[key]}")
     if unknown:
         where = f"section `{prefix.rstrip('.')}`" if prefix else "the top level"
         raise ValueError(f"Unknown config key(s) {[prefix + k for k in unknown]} in {where}; valid keys: {names}.")
@@ -394,6 +419,15 @@ def _validate_sources(d: DataConfig, t: TrainingConfig, db: DreamBoothConfig) ->
         raise ValueError(f"Set at most one validation source in `data`, got {held_out}.")
     if d.validation_dataset_split and d.dataset_name is None:
         raise ValueError("`data.validation_dataset_split` needs `data.dataset_name`.")
+    from ldm_tune.data.images import allowed_formats
+    from ldm_tune.data.netpolicy import parse_networks
+
+    allowed_formats(d.image_formats, key="data.image_formats")
+
+    try:
+        parse_networks(d.allowed_networks)
+    except ValueError as error:
+        raise ValueError(str(error).replace("`allowed_networks`", "`data.allowed_networks`", 1)) from None
 
 
 def _validate_method(config: TrainConfig) -> None:

@@ -147,3 +147,14 @@ def test_shipped_accelerate_configs_parse(name):
     config = load_config_from_file(str(path))  # refuses unknown keys
     if name == "deepspeed-zero2":
         assert config.deepspeed_config["zero_stage"] == 2 and not config.deepspeed_config["zero3_init_flag"]
+
+
+def test_network_settings_are_checked_before_anything_runs():
+    with pytest.raises(ValueError, match=r"`data.allow_private_urls` was replaced: .*data.allowed_networks"):
+        load_config(None, ["model.pretrained_model_name_or_path=m", "data.allow_private_urls=true"])
+    with pytest.raises(ValueError, match=r"`data.allowed_networks`.*169.254"):
+        load_config(None, ["model.pretrained_model_name_or_path=m", "data.train_data_dir=d",
+                           "data.allowed_networks=[169.254.0.0/16]"])  # fmt: skip
+    config = load_config(None, ["model.pretrained_model_name_or_path=m", "data.train_data_dir=d",
+                                "data.allowed_networks=[10.0.0.0/8]"])  # fmt: skip
+    assert config.data.allowed_networks == ["10.0.0.0/8"]

@@ -32,7 +32,7 @@ def make_bad_corpus(root: Path, good: int = 20) -> dict:
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "full.png")
     (root / "truncated.png").write_bytes((root / "full.png").read_bytes()[:6000])
     rows.append({"file_name": "truncated.png", "text": "cut short"})
-    (root / "corrupt.png").write_bytes(os.urandom(500))
+    (root / "corrupt.png").write_bytes(b"\x00" + os.urandom(500))  # \x00: no format's signature
     rows.append({"file_name": "corrupt.png", "text": "noise bytes"})
     png(root / "bomb.png", (300, 300))  # over the test's max_image_pixels of 200 x 200
     rows.append({"file_name": "bomb.png", "text": "bomb"})
@@ -316,7 +316,7 @@ def test_url_list_downloads_once_and_counts_failures(image_server, tmp_path):
     with pytest.raises(ValueError, match="private_address"):  # 127.0.0.1 is refused unless allowed
         prepare_data(data_config(*overrides[:2]), progress=False, cache_dir=tmp_path / "cache")
     assert sum(hits.values()) == 0
-    allowed = data_config(*overrides, "data.allow_private_urls=true")
+    allowed = data_config(*overrides, "data.allowed_networks=[127.0.0.0/8]")
     data = prepare_data(allowed, progress=False, cache_dir=tmp_path / "cache")
     assert sorted(c for i in data.train.items for c in i.captions) == ["blue", "red"]
     assert dict(data.report.bad) == {"http_404": 1} and "downloaded 2" in data.report.downloads
@@ -336,7 +336,7 @@ def test_only_the_main_process_retries_transient_failures(image_server, tmp_path
     rows = [{"image": f"{base}/red.png", "text": "red"}, {"image": f"{base}/flaky-blue.png", "text": "blue"}]
     (tmp_path / "urls.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     cfg = data_config(f"data.train_data_file={tmp_path / 'urls.jsonl'}", "data.max_bad_fraction=0.5",
-                      "data.download_retries=0", "data.allow_private_urls=true")  # fmt: skip
+                      "data.download_retries=0", "data.allowed_networks=[127.0.0.0/8]")  # fmt: skip
     first = prepare_data(cfg, progress=False, cache_dir=tmp_path / "cache")
     assert dict(first.report.bad) == {"http_503": 1}
     other = prepare_data(cfg, progress=False, cache_dir=tmp_path / "cache", reuse_failures=True)
@@ -355,7 +355,7 @@ def test_laion_style_parquet_url_list(image_server, tmp_path):
                       "WIDTH": [40, 40, 0], "similarity": [0.3, 0.3, 0.1]})  # fmt: skip
     pq.write_table(table, tmp_path / "part-00000.parquet")
     config = data_config(f"data.train_data_file={tmp_path / 'part-00000.parquet'}", "data.image_column=URL",
-                         "data.caption_column=TEXT", "data.allow_private_urls=true", "data.max_bad_fraction=0.5")  # fmt: skip
+                         "data.caption_column=TEXT", "data.allowed_networks=[127.0.0.0/8]", "data.max_bad_fraction=0.5")  # fmt: skip
     data = prepare_data(config, progress=False, cache_dir=tmp_path / "cache")
     assert sorted(c for i in data.train.items for c in i.captions) == ["blue", "red"]
     assert dict(data.report.bad) == {"malformed_metadata": 1} and data.report.examples["malformed_metadata"] == [

@@ -1,25 +1,30 @@
-"""`download_images` against a local HTTP server on 127.0.0.1 (offline): reasons, safety, bounds, cache, retries."""
+"""`download_images` against a local HTTP server on 127.0.0.1 (offline): reasons, safety, bounds, cache, retries,
+and the network policy (allowed networks, nothing from the environment)."""
 
 import hashlib
 import ipaddress
 import json
+import re
 import socket
 import time
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 from urllib.parse import quote
 
 import pytest
-from http_server import JPEG, MAX_BYTES, PNG, no_proxy_fixture, server_fixture  # noqa: F401  (fixtures)
+from http_server import JPEG, MAX_BYTES, PNG, fake_dns, no_proxy_fixture, server_fixture  # noqa: F401  (fixtures)
 from PIL import Image
 
 from ldm_tune.data import download
-from ldm_tune.data.download import MAX_REDIRECTS, DownloadReport, download_images
+from ldm_tune.data.download import MAX_REDIRECTS, DownloadOptions, DownloadReport, check_url, download_images
+from ldm_tune.data.netpolicy import address_allowed, parse_networks
+
+
+LOOPBACK = ("127.0.0.0/8",)  # the test server's network
 
 
 def fetch(urls, cache_dir, **overrides):
-    """download_images with the tests' short bounds; the server is on 127.0.0.1, so private URLs are allowed."""
+    """download_images with the tests' short bounds; the server is on 127.0.0.1, so loopback is allowed."""
     kwargs = dict(
         workers=4,
         connect_timeout=2.0,
@@ -28,7 +33,7 @@ def fetch(urls, cache_dir, **overrides):
         retries=0,
         backoff=0.01,
         max_bytes=MAX_BYTES,
-        allow_private_urls=True,
+        allowed_networks=LOOPBACK,
         progress=False,
     )
     kwargs.update(overrides)
@@ -102,7 +107,7 @@ def test_private_addresses_are_refused_without_a_request(server, tmp_path):
         f"http://127.0.0.1:{server.port}\\@example.com/img.png?t=private",
     ]
     before = server.snapshot()
-    results, report = fetch(urls, tmp_path, allow_private_urls=False)
+    results, report = fetch(urls, tmp_path, allowed_networks=())
     assert results == dict.fromkeys(urls, "private_address")
     assert report.failed == Counter(private_address=len(urls))
     assert server.snapshot() == before
@@ -110,47 +115,110 @@ def test_private_addresses_are_refused_without_a_request(server, tmp_path):
 
 
 def test_every_redirect_hop_is_checked(server, tmp_path, monkeypatch):
-    # Trust 127.0.0.1 only, so a redirect to `localhost` (the same server) must be refused at the hop.
-    real_check = download._check_target
-    monkeypatch.setattr(download, "_check_target", lambda url, allow: real_check(url, allow or "//127.0.0.1:" in url))
-    target = f"http://localhost:{server.port}/img.png?t=hop"
+    # Loopback is allowed, so the first hop is fetched; its redirect to a name on 10.0.0.0/8 must be refused there.
+    lookups = fake_dns(monkeypatch, {"intranet.test": ["10.1.2.3"]})
+    target = f"http://intranet.test:{server.port}/img.png?t=hop"
     to_private = server.url(f"/redirect?t=hop1&to={quote(target, safe='')}")
     to_ftp = server.url(f"/redirect?t=hop2&to={quote('ftp://x/y.png', safe='')}")
-    results, _ = fetch([to_private, to_ftp], tmp_path, allow_private_urls=False)
+    results, _ = fetch([to_private, to_ftp], tmp_path)
     assert results == {to_private: "private_address", to_ftp: "invalid_url"}
     assert server.hits_of(to_private) == 1
     assert server.hits_of(target) == 0
+    assert lookups == ["intranet.test"]
 
 
 @pytest.mark.parametrize(
     "address",
     ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0", "224.0.0.1", "240.0.0.1",
-     "100.100.100.200", "::1", "::", "fe80::1", "fc00::1", "ff02::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1"],
+     "100.64.0.1", "100.100.100.200", "168.63.129.16", "::1", "::", "fe80::1", "fc00::1", "ff02::1", "fec0::1",
+     "::ffff:127.0.0.1", "::ffff:10.0.0.1", "2002:7f00:1::", "2002:a9fe:a9fe::1", "64:ff9b::7f00:1", "::7f00:1",
+     "::808:808", "2001:0:4136:e378:8000:63bf:3fff:fdd2", "64:ff9b:1::808:808", "fd00:ec2::254"],
 )  # fmt: skip
 def test_non_public_addresses_are_disallowed(address):
-    assert download._is_disallowed_ip(ipaddress.ip_address(address))
+    assert not address_allowed(ipaddress.ip_address(address))
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "93.184.216.34", "2606:4700:4700::1111", "::ffff:8.8.8.8"])
+@pytest.mark.parametrize(
+    "address", ["8.8.8.8", "93.184.216.34", "2606:4700:4700::1111", "::ffff:8.8.8.8", "2002:808:808::1",
+                "64:ff9b::808:808"]
+)  # fmt: skip
 def test_public_addresses_are_allowed(address):
-    assert not download._is_disallowed_ip(ipaddress.ip_address(address))
+    assert address_allowed(ipaddress.ip_address(address))
 
 
-def _fake_dns(answers):
-    def getaddrinfo(host, port, *args, **kwargs):
-        if host not in answers:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in answers[host]]
+def test_allowed_networks_open_their_addresses_only():
+    loopback = parse_networks(["127.0.0.0/8"])
+    assert address_allowed(ipaddress.ip_address("127.0.0.1"), loopback)
+    assert address_allowed(ipaddress.ip_address("::ffff:127.0.0.1"), loopback)  # the same address to the kernel
+    assert address_allowed(ipaddress.ip_address("2002:7f00:1::"), loopback)  # 6to4 of 127.0.0.1
+    assert not address_allowed(ipaddress.ip_address("10.0.0.1"), loopback)
+    assert not address_allowed(ipaddress.ip_address("::1"), loopback)
+    everything = parse_networks(["0.0.0.0/0", "::/0"])
+    for never in ("169.254.169.254", "169.254.0.1", "fe80::1", "fd00:ec2::254", "100.100.100.200", "192.0.0.192",
+                  "::ffff:169.254.169.254", "2002:a9fe:a9fe::", "64:ff9b::a9fe:a9fe", "fe80::1%1"):  # fmt: skip
+        assert not address_allowed(ipaddress.ip_address(never), everything), never
+    assert address_allowed(ipaddress.ip_address("10.0.0.1"), everything)
+    assert address_allowed(ipaddress.ip_address("fec0::1"), everything)
 
-    return SimpleNamespace(getaddrinfo=getaddrinfo, SOCK_STREAM=socket.SOCK_STREAM)
+
+def test_parse_networks_names_the_bad_entry():
+    assert parse_networks(["127.0.0.1", "10.0.0.0/8", "fd00::/8"]) == tuple(
+        ipaddress.ip_network(n) for n in ("127.0.0.1/32", "10.0.0.0/8", "fd00::/8")
+    )
+    assert parse_networks(["0.0.0.0/0", "100.64.0.0/10"])  # they contain metadata addresses, which stay refused
+    for bad in ("localhost", "127.0.0.1/8", "10.0.0.0/33", "", 5):
+        with pytest.raises(ValueError, match=re.escape(f"`allowed_networks` entry {bad!r} is not a CIDR network")):
+            parse_networks(["127.0.0.0/8", bad])
+    for never in ("169.254.0.0/16", "169.254.169.254", "fe80::/64", "fd00:ec2::254/128", "100.100.100.200/32"):
+        with pytest.raises(ValueError, match=re.escape(f"`allowed_networks` entry {never!r} lies inside")):
+            parse_networks([never])
+    for not_a_list in ("127.0.0.0/8", True, None):  # a str would be read letter by letter; a bool is the old flag
+        with pytest.raises(ValueError, match="must be a list of CIDR networks"):
+            parse_networks(not_a_list)
+    with pytest.raises(ValueError, match="is not a CIDR network"):
+        DownloadOptions(allowed_networks=("127.0.0.0/33",))
+    assert DownloadOptions(allowed_networks=["127.0.0.1"]).allowed_networks == ("127.0.0.1/32",)
 
 
 def test_dns_failure_and_any_private_answer(monkeypatch, tmp_path):
-    # Fake DNS inside the module only: neither name needs (or reaches) a real resolver.
-    monkeypatch.setattr(download, "socket", _fake_dns({"mixed.example": ["8.8.8.8", "10.0.0.7"]}))
+    # Fake DNS: neither name needs (or reaches) a real resolver.
+    fake_dns(monkeypatch, {"nowhere.invalid": None, "mixed.example": ["8.8.8.8", "10.0.0.7"]})
     urls = ["http://nowhere.invalid/a.png", "https://mixed.example/a.png"]
-    results, _ = fetch(urls, tmp_path, allow_private_urls=False)
+    results, _ = fetch(urls, tmp_path, allowed_networks=())
     assert results == {urls[0]: "dns_error", urls[1]: "private_address"}
+    assert check_url(urls[0]) == "dns_error" and check_url(urls[1]) == "private_address"
+    assert check_url(urls[1], ["10.0.0.0/8"]) is None
+
+
+def test_nothing_comes_from_the_environment(server, tmp_path, monkeypatch):
+    # A proxy that is not there, and .netrc credentials for the test server: neither may be used by default.
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        dead_proxy = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, dead_proxy)
+    netrc = tmp_path / "home" / ".netrc"
+    netrc.parent.mkdir()
+    netrc.write_text("machine 127.0.0.1 login user password secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("HOME", str(netrc.parent))
+    monkeypatch.setenv("NETRC", str(netrc))
+
+    url = server.url("/img.png?t=env")
+    results, _ = fetch([url], tmp_path / "cache")
+    assert results[url].read_bytes() == PNG  # straight to the server
+    assert "Authorization" not in server.headers_of(url)
+
+    # use_env_proxies: through the (dead) proxy, still without the .netrc password; NO_PROXY is honoured.
+    url = server.url("/img.png?t=env-proxy")
+    results, _ = fetch([url], tmp_path / "cache", use_env_proxies=True)
+    assert results[url] == "connection_error" and server.hits_of(url) == 0
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    results, _ = fetch([url], tmp_path / "cache", use_env_proxies=True)
+    assert results[url].read_bytes() == PNG
+    assert "Authorization" not in server.headers_of(url)
 
 
 def test_connection_refused_is_a_connection_error(tmp_path):

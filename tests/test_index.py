@@ -128,3 +128,35 @@ def test_lazy_items_of_a_large_list_cost_column_bytes_not_objects(tmp_path):
     assert peak / rows < 150, f"{peak / rows:.0f} bytes per row"
     item = data.train.items[len(data.train.items) - 1]
     assert item.captions == [f"item {item.index}"]
+
+
+def test_paths_stay_in_the_image_root_and_urls_and_byte_order_marks_are_read(tmp_path):
+    from ldm_tune.data.index import open_pair_list
+
+    write_images(tmp_path / "lists" / "images")
+    write_images(tmp_path / "elsewhere")
+    secret = tmp_path / "elsewhere" / "0.png"
+    rows = [{"image": "images/0.png", "text": "inside"}, {"image": str(secret), "text": "absolute, outside"},
+            {"image": "../elsewhere/1.png", "text": "climbs out"}, {"image": "images/../images/2.png", "text": "in"},
+            {"image": "HTTP://example.com/a.png", "text": "upper-case scheme"}]  # fmt: skip
+    listing = tmp_path / "lists" / "pairs.csv"
+    with open(listing, "w", newline="", encoding="utf-8-sig") as handle:  # with a byte-order mark, as Excel writes
+        writer = csv.DictWriter(handle, ["image", "text"])
+        writer.writeheader()
+        writer.writerows(rows)
+    got, facts = open_pair_list(listing, tmp_path / "cache")
+    assert facts["bad"] == {"path_outside_folder": 2} and facts["examples"]["path_outside_folder"] == [
+        "pairs.csv:3", "pairs.csv:4"]  # fmt: skip
+    assert got["image"] == [str(tmp_path / "lists" / "images" / "0.png"), str(tmp_path / "lists" / "images" / "2.png"),
+                            "HTTP://example.com/a.png"]  # fmt: skip
+    # A list of absolute paths elsewhere is read when the user names their root (relative ones are then relative
+    # to it: `../elsewhere` leaves it).
+    got, facts = open_pair_list(listing, tmp_path / "cache", image_root=tmp_path)
+    assert facts["bad"] == {"path_outside_folder": 1} and str(secret) in got["image"]
+    jsonl = tmp_path / "lists" / "pairs.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows[0]).encode() + b"\n")
+    assert len(open_pair_list(jsonl, tmp_path / "cache")[0]) == 1
+    # A field the csv module will not read (over csv.field_size_limit()) stops with the file and line named.
+    (tmp_path / "lists" / "huge.csv").write_text('image,text\nimages/0.png,a\nimages/1.png,"' + "x" * 200_000 + '"\n')
+    with pytest.raises(ValueError, match=r"huge.csv.* after line 2: field larger"):
+        open_pair_list(tmp_path / "lists" / "huge.csv", tmp_path / "cache")

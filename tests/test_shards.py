@@ -7,9 +7,9 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
-from http_server import JPEG, MAX_BYTES, PNG, no_proxy_fixture, server_fixture  # noqa: F401  (fixtures)
+from http_server import JPEG, MAX_BYTES, PNG, fake_dns, no_proxy_fixture, server_fixture  # noqa: F401  (fixtures)
 
-from ldm_tune.data import download, shards
+from ldm_tune.data import shards
 from ldm_tune.data.shards import ShardReport, download_to_shards, read_member
 
 
@@ -32,7 +32,7 @@ class Rows:
 
 
 def shard(rows, out_dir, **overrides):
-    """download_to_shards with the tests' short bounds; the server is on 127.0.0.1, so private URLs are allowed."""
+    """download_to_shards with the tests' short bounds; the server is on 127.0.0.1, so loopback is allowed."""
     kwargs = dict(
         shard_size=3,
         workers=3,
@@ -42,7 +42,7 @@ def shard(rows, out_dir, **overrides):
         retries=0,
         backoff=0.01,
         max_bytes=MAX_BYTES,
-        allow_private_urls=True,
+        allowed_networks=("127.0.0.0/8",),
         progress=False,
     )
     kwargs.update(overrides)
@@ -54,10 +54,9 @@ def listing(out_dir):
 
 
 def test_shards_hold_each_row(server, tmp_path, monkeypatch):
-    # Trust 127.0.0.1 only, so the `localhost` URL (the same server) is a private address, refused before a request.
-    real_check = download._check_target
-    monkeypatch.setattr(download, "_check_target", lambda url, allow: real_check(url, allow or "//127.0.0.1:" in url))
-    private = f"http://localhost:{server.port}/img.png?t=rows-private"
+    # Loopback is allowed, 10.0.0.0/8 is not: a name there is refused before a request.
+    fake_dns(monkeypatch, {"intranet.test": ["10.1.2.3"]})
+    private = f"http://intranet.test:{server.port}/img.png?t=rows-private"
     rows = [
         (server.url("/img.png?t=rows"), "a red square"),
         (server.url("/missing?t=rows"), "gone"),
@@ -68,7 +67,7 @@ def test_shards_hold_each_row(server, tmp_path, monkeypatch):
         (None, "no url"),
         (server.url("/redirect?t=rows"), None),  # a relative redirect to /img.png
     ]
-    report = shard(rows, tmp_path, allow_private_urls=False)
+    report = shard(rows, tmp_path)
 
     statuses = ["success", "http_404", "success", "not_an_image", "private_address", "invalid_url", "invalid_url",
                 "success"]  # fmt: skip
@@ -127,7 +126,7 @@ def test_shards_hold_each_row(server, tmp_path, monkeypatch):
 def test_private_address_makes_no_request(server, tmp_path):
     url = server.url("/img.png?t=private")
     before = server.snapshot()
-    report = shard([(url, "x")], tmp_path, allow_private_urls=False)
+    report = shard([(url, "x")], tmp_path, allowed_networks=())
     assert report.table()["status"].to_pylist() == ["private_address"]
     assert server.snapshot() == before
 
@@ -184,11 +183,15 @@ def test_retry_fetches_only_transient_failures_of_complete_shards(server, tmp_pa
 
 
 def test_a_changed_safety_setting_redoes_the_shards(server, tmp_path, monkeypatch):
-    # 127.0.0.1 is private: refused without a request, and that outcome must not outlive the setting.
+    # 127.0.0.1 is not public: refused without a request, and that outcome must not outlive the setting.
     rows = [(server.url(f"/img.png?t=setting{i}"), "x") for i in range(2)]
-    assert shard(rows, tmp_path, allow_private_urls=False).failed == Counter(private_address=2)
+    assert shard(rows, tmp_path, allowed_networks=()).failed == Counter(private_address=2)
     allowed = shard(rows, tmp_path)
     assert allowed.downloaded == 2 and allowed.reused_shards == 0
+    # Other networks redo the shards; the same ones in another order do not.
+    same = shard(rows, tmp_path, allowed_networks=("10.0.0.0/8", "127.0.0.0/8"))
+    assert same.reused_shards == 0
+    assert shard(rows, tmp_path, allowed_networks=["127.0.0.0/8", "10.0.0.0/8"]).reused_shards == 1
 
 
 def test_interruption_leaves_complete_shards_only(server, tmp_path, monkeypatch):

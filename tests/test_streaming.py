@@ -11,7 +11,8 @@ from PIL import Image
 
 from ldm_tune.config import load_config
 from ldm_tune.data.dataset import TextImageDataset
-from ldm_tune.data.streaming import StreamingDataset, expand_shards, safe_member_name, webdataset_samples
+from ldm_tune.data.streaming import StreamingDataset, expand_shards, webdataset_samples
+from ldm_tune.data.tar_reader import safe_member_name
 from ldm_tune.presets import build_tokenizer
 
 
@@ -202,7 +203,7 @@ def test_a_stream_resumes_at_its_position_without_reading_consumed_samples(tmp_p
     shards = expand_shards(str(tmp_path / "shards" / "shard-{000..003}.tar"))
     opened, built = [], []
     read_shard, item = streaming.read_shard, StreamingDataset._item
-    monkeypatch.setattr(streaming, "read_shard", lambda url, handler: opened.append(url) or read_shard(url, handler))
+    monkeypatch.setattr(streaming, "read_shard", lambda url, *a: opened.append(url) or read_shard(url, *a))
     monkeypatch.setattr(StreamingDataset, "_item", lambda self, key, *a: built.append(key) or item(self, key, *a))
     straight = shard_stream(shards)
     straight.start_epoch(1)

@@ -7,6 +7,9 @@ count and resume point: a resumed run sees exactly the batches the uninterrupted
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -15,6 +18,7 @@ from ldm_tune.data.images import BadItem
 from ldm_tune.data.transforms import preprocess
 
 
+logger = logging.getLogger(__name__)
 # Independent random streams per purpose, so adding a draw to one never shifts another.
 STREAM_DATA, STREAM_NOISE, STREAM_MODEL = 1, 2, 3  # STREAM_MODEL: dropout inside the model (training.py)
 STREAM_CLASS_IMAGES = 4  # the initial noise of generated DreamBooth class images (ldm_tune.dreambooth)
@@ -83,17 +87,33 @@ class TextImageDataset(Dataset):
     def __getitem__(self, key) -> dict:
         epoch, position = key
         item = self.items[position]
+        try:
+            return self._load(epoch, position, item)
+        except BadItem as error:  # changed since the scan, checked only now (lazy), or a damaged cache file:
+            _log_skip(self.source, item.index, error)  # skipped, and counted by the trainer
+            return {"bad": error.reason, "key": torch.tensor([epoch, position])}
+
+    def _load(self, epoch: int, position: int, item) -> dict:
         if self.latent_cache is not None:
             caption, flip, _ = self.choices(epoch, position, item.captions)
             mean, std = self.latent_cache.load(item.sha256, self.sizes[position], flip)
             out = {"key": torch.tensor([epoch, position]), "loss_weight": item.weight, "latent_mean": mean,
                    "latent_std": std}  # fmt: skip
             return self._with_text(out, caption)
-        try:
-            image, _ = self.source.load(item.index)
-        except BadItem as error:  # the file changed since the scan: skipped, and counted by the trainer
-            return {"bad": error.reason, "key": torch.tensor([epoch, position])}
+        image, _ = self.source.load(item.index)
         return self.build(epoch, position, item, image, self.sizes[position])
+
+
+_logged = Counter()
+LOG_PER_REASON = 5  # the first few skips of each reason name their file; the counts are in metrics.jsonl
+
+
+def _log_skip(source, index: int, error: BadItem) -> None:
+    _logged[error.reason] += 1
+    if _logged[error.reason] <= LOG_PER_REASON:
+        logger.warning("Skipped %s (%s)%s", source.origin(index), error,
+                       "; further ones of this reason are only counted" if _logged[error.reason] == LOG_PER_REASON
+                       else "")  # fmt: skip
 
 
 def collate(examples: list[dict]) -> dict:

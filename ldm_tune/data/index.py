@@ -32,11 +32,11 @@ from ldm_tune.data.images import BadItem
 from ldm_tune.data.items import check_captions
 
 
-INDEX_VERSION = 1  # bump when the schema or the row checks change: older indexes are then rebuilt
+INDEX_VERSION = 2  # bump when the schema or the row checks change: older indexes are then rebuilt
 BATCH_ROWS = 65_536  # rows parsed per Arrow record batch: bounds the Python objects alive during a build
 IMAGE_KEYS = ("image", "image_url", "file_name", "url", "path")
 SCHEMA = pa.schema([("image", pa.string()), ("captions", pa.list_(pa.string())), ("origin", pa.string())])
-URL_PATTERN = "^https?://"
+URL_PATTERN = "(?i)^https?://"  # schemes are case-insensitive (RFC 3986 3.1): HTTP:// is http://
 EXAMPLES = 3  # origins kept per bad reason
 
 
@@ -54,10 +54,15 @@ class IndexBuilder:
         try:
             if isinstance(image, BadItem):
                 raise image
+            if not _encodes(image):  # a file name that is not UTF-8 (read with surrogate escapes): Arrow needs UTF-8
+                raise BadItem("non_utf8_path")
             captions = check_captions(caption)
+            if not all(_encodes(c) for c in captions):  # a lone surrogate from a JSON "\ud800" escape
+                raise BadItem("malformed_caption")
         except BadItem as error:
             return self.skip(origin, error.reason)
         self.total += 1
+        origin = origin if _encodes(origin) else origin.encode("utf-8", "replace").decode()
         for name, value in zip(SCHEMA.names, (image, captions, origin), strict=True):
             self.columns[name].append(value)
         if len(self.columns["image"]) >= BATCH_ROWS:
@@ -65,6 +70,7 @@ class IndexBuilder:
 
     def skip(self, origin: str, reason: str) -> None:
         """One row left out, counted by `reason`."""
+        origin = origin if _encodes(origin) else origin.encode("utf-8", "replace").decode()  # for the report's JSON
         self.total += 1
         self.bad[reason] += 1
         examples = self.examples.setdefault(reason, [])
@@ -92,17 +98,30 @@ class IndexBuilder:
         return datasets.Dataset(pa.Table.from_batches(self.batches, schema=SCHEMA))
 
 
-def _key(path: Path, image_column: str, caption_column: str) -> str:
+def _encodes(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _key(path: Path, image_column: str, caption_column: str, root: str) -> str:
     stat = path.stat()
-    fields = [INDEX_VERSION, str(path.resolve()), stat.st_size, stat.st_mtime_ns, image_column, caption_column]
+    fields = [INDEX_VERSION, str(path.resolve()), stat.st_size, stat.st_mtime_ns, image_column, caption_column, root]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:24]
 
 
-def open_pair_list(path: str | Path, cache_dir: Path, caption_column: str = "text", image_column: str = "image"):
+def open_pair_list(path: str | Path, cache_dir: Path, caption_column: str = "text", image_column: str = "image",
+                   image_root: str | Path | None = None):  # fmt: skip
     """The index of a JSONL, CSV or parquet pair list, built on first use; returns `(rows, facts)`.
 
     `rows` is a memory-mapped `datasets.Dataset` of the good rows; `facts` has the row count and the bad rows'
-    counts and examples by reason (`malformed_metadata`, `invalid_url`, `missing_caption`, ...).
+    counts and examples by reason (`malformed_metadata`, `invalid_url`, `path_outside_folder`, `missing_caption`,
+    ...). Local paths are relative to `image_root` (default: the list's folder) and must stay inside it: a list
+    from elsewhere cannot make training read `/etc/...` or `../..` files.
     """
     import datasets
 
@@ -111,22 +130,23 @@ def open_pair_list(path: str | Path, cache_dir: Path, caption_column: str = "tex
         raise FileNotFoundError(f"`data.train_data_file` {str(path)!r} does not exist.")
     if path.suffix not in (".jsonl", ".csv", ".parquet"):
         raise ValueError(f"`data.train_data_file` must be a .jsonl, .csv or .parquet file, got {str(path)!r}.")
-    target = cache_dir / "index" / _key(path, image_column, caption_column)
+    root = os.path.abspath(image_root if image_root is not None else path.parent)
+    target = cache_dir / "index" / _key(path, image_column, caption_column, root)
     arrow, facts_file = target.with_suffix(".arrow"), target.with_suffix(".json")
     if not (arrow.is_file() and facts_file.is_file()):
-        _build(path, arrow, facts_file, caption_column, image_column)
+        _build(path, arrow, facts_file, caption_column, image_column, root)
     return datasets.Dataset.from_file(str(arrow)), json.loads(facts_file.read_text())
 
 
-def _build(path: Path, arrow: Path, facts_file: Path, caption_column: str, image_column: str) -> None:
+def _build(path: Path, arrow: Path, facts_file: Path, caption_column: str, image_column: str, root: str) -> None:
     arrow.parent.mkdir(parents=True, exist_ok=True)
     tmp = arrow.with_suffix(f".tmp{os.getpid()}")
     try:
         with pa.OSFile(str(tmp), "wb") as sink:
             builder = IndexBuilder(sink)
-            keys, parent = (image_column, *IMAGE_KEYS), str(path.parent.resolve())
+            keys = (image_column, *IMAGE_KEYS)
             for origin, row in read_rows(path, [image_column, *IMAGE_KEYS, caption_column, "caption"]):
-                builder.add(origin, _image(row, keys, parent), _caption(row, caption_column))
+                builder.add(origin, _image(row, keys, root), _caption(row, caption_column))
             facts = builder.finish()
         os.replace(tmp, arrow)
     finally:
@@ -136,15 +156,18 @@ def _build(path: Path, arrow: Path, facts_file: Path, caption_column: str, image
     os.replace(facts_tmp, facts_file)  # written last: the index counts as built only with its facts
 
 
-def _image(row, keys: tuple[str, ...], parent: str):
-    """The row's image: an http(s) URL or an absolute local path (relative ones are relative to the list)."""
+def _image(row, keys: tuple[str, ...], root: str):
+    """The row's image: an http(s) URL, or an absolute local path inside `root` (relative ones are relative to it)."""
     image = next((row[k] for k in keys if row.get(k)), None) if isinstance(row, dict) else None
-    if not isinstance(image, str):
+    if not isinstance(image, str) or "\0" in image:
         return BadItem("malformed_metadata")
     if "://" in image:
         # file://, ftp://, s3://...: only http(s) and local paths
-        return image if image.startswith(("http://", "https://")) else BadItem("invalid_url")
-    return image if os.path.isabs(image) else os.path.join(parent, image)
+        return image if image[:8].lower().startswith(("http://", "https://")) else BadItem("invalid_url")
+    # normpath, not realpath: a string check, so 10 M rows cost no file-system call (symlinks inside the root
+    # are the root owner's choice).
+    path = os.path.normpath(os.path.join(root, image))
+    return path if path == root or path.startswith(root.rstrip(os.sep) + os.sep) else BadItem("path_outside_folder")
 
 
 def _caption(row, caption_column: str):
@@ -157,11 +180,20 @@ def read_rows(path: Path, columns: list[str] | None = None):
     if path.suffix == ".parquet":
         yield from _parquet_rows(path, columns or [])
     elif path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
-            for number, row in enumerate(csv.DictReader(handle), start=2):
-                yield f"{path.name}:{number}", row
+        yield from _csv_rows(path)
     else:
         yield from jsonl_rows(path)
+
+
+def _csv_rows(path: Path):
+    # utf-8-sig: a byte-order mark (Excel writes one) would otherwise glue itself to the first column's name.
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
+        reader = csv.DictReader(handle)
+        try:
+            for row in reader:
+                yield f"{path.name}:{reader.line_num}", row
+        except csv.Error as error:  # a NUL byte, a field over csv.field_size_limit(): the reader cannot go on
+            raise ValueError(f"`data.train_data_file` {str(path)!r} after line {reader.line_num}: {error}.") from error
 
 
 def jsonl_rows(path: Path):
@@ -171,8 +203,8 @@ def jsonl_rows(path: Path):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
+                row = json.loads(line.decode("utf-8-sig"))  # -sig: a byte-order mark on the first line
+            except (ValueError, RecursionError):  # not UTF-8 or JSON, an over-long integer, nesting too deep
                 row = None
             yield f"{path.name}:{number}", row if isinstance(row, dict) else None
 
@@ -213,7 +245,8 @@ def resolve_urls(rows, cfg, cache_dir: Path, name: str, progress: bool = True, r
         _UrlRows(table, positions), cache_dir / "shards" / name, shard_size=cfg.download_shard_size,
         workers=cfg.download_workers, connect_timeout=cfg.download_timeout, read_timeout=cfg.download_timeout,
         total_timeout=cfg.download_total_timeout, retries=cfg.download_retries, max_bytes=cfg.max_download_bytes,
-        allow_private_urls=cfg.allow_private_urls, retry_failed=retry_failed, progress=progress,
+        allowed_networks=tuple(cfg.allowed_networks), use_env_proxies=cfg.use_env_proxies, retry_failed=retry_failed,
+        progress=progress,
     )  # fmt: skip
     got = report.table()
     ok = pc.equal(got.column("status"), "success")

@@ -22,6 +22,7 @@ import numpy as np
 
 from ldm_tune.config import DataConfig, DreamBoothConfig
 from ldm_tune.data.buckets import ItemSizes, assign_bucket, make_buckets
+from ldm_tune.data.images import DECODE_VERSION
 from ldm_tune.data.index import open_pair_list, resolve_urls
 from ldm_tune.data.items import ItemTable
 from ldm_tune.data.scan import DataReport, scan_source
@@ -62,13 +63,13 @@ class PreparedData:
 
 def _file_source(rows, facts: dict, cfg: DataConfig, report: DataReport) -> RecordSource:
     report.add_skipped(facts)
-    return RecordSource(rows, cfg.max_image_pixels, size_limits(cfg))
+    return RecordSource(rows, cfg.max_image_pixels, size_limits(cfg), cfg.image_formats)
 
 
 def _list_source(cfg: DataConfig, cache_dir: Path, report: DataReport, progress: bool, reuse_failures: bool):
     """The source of a pair list: its index, with URL rows downloaded into shards (by the main process; the
     others, `reuse_failures`, read its shards without retrying anything)."""
-    rows, facts = open_pair_list(cfg.train_data_file, cache_dir, cfg.caption_column, cfg.image_column)
+    rows, facts = open_pair_list(cfg.train_data_file, cache_dir, cfg.caption_column, cfg.image_column, cfg.image_root)
     # Shards are named after the list's path, not its contents: an edited list reuses its unchanged shards.
     name = hashlib.sha256(str(Path(cfg.train_data_file).resolve()).encode()).hexdigest()[:24]
     rows, failed, downloads = resolve_urls(rows, cfg, cache_dir, name, progress, retry_failed=not reuse_failures)
@@ -93,7 +94,8 @@ def has_main_source(cfg: DataConfig) -> bool:
 
 def _scan_cache_path(cache_dir: Path, cfg: DataConfig, origin: str | Path | None = None) -> Path:
     origin = origin if origin is not None else cfg.train_data_dir or cfg.train_data_file or cfg.dataset_name
-    key = json.dumps([str(origin), cfg.max_image_pixels])
+    # What the decode decides depends on these too: a changed setting or decoder scans again.
+    key = json.dumps([str(origin), cfg.max_image_pixels, sorted(cfg.image_formats), DECODE_VERSION])
     return cache_dir / "scans" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
 

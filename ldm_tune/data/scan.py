@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ from ldm_tune.data.images import BadItem, check_size
 from ldm_tune.data.items import ItemInfo, ItemTable, check_captions
 
 
+logger = logging.getLogger(__name__)
 SAVE_EVERY_S = 60.0  # how often a running scan writes its cache (a 1 M-entry cache takes about a second to write)
 
 
@@ -124,10 +126,13 @@ def _decode_facts(source, index: int) -> dict:
     fixes: list[str] = []
     try:
         image, _ = source.load(index, fixes)
+        path = source.file(index)
+        digest = hashlib.sha256(path.read_bytes() if path is not None else image.tobytes()).hexdigest()
     except BadItem as error:
         return {"reason": error.reason}
-    path = source.file(index)
-    digest = hashlib.sha256(path.read_bytes() if path is not None else image.tobytes()).hexdigest()
+    except OSError as error:  # the file went away or became unreadable between decode and hash
+        logger.warning("Skipped %s: %s", source.origin(index), error)
+        return {"reason": "unreadable"}
     return {"width": image.width, "height": image.height, "sha256": digest, "fixes": fixes}
 
 

@@ -15,8 +15,8 @@ Resume: tar and parquet are written under temporary names and renamed, the stats
 exactly when its stats file records the fingerprint of the shard's URLs (and shard_size). A later call skips
 complete shards without a request and redoes the rest: after a kill, a deleted stats file, or changed URLs.
 
-Fetching (http(s) only, address checks on every redirect hop, size cap, deadline, retries, a full image decode) is
-`download.fetch_image`, the one fetch path shared with `download_images`.
+Fetching (http(s) only, address checks and pinned connections on every redirect hop, size cap, deadline, retries, a
+full image decode) is `download.fetch_image`, the one fetch path shared with `download_images`.
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ def download_to_shards(
     retries: int = 2,
     backoff: float = 0.5,
     max_bytes: int = 20 * 2**20,
-    allow_private_urls: bool = False,
+    allowed_networks: Sequence[str] = (),
+    use_env_proxies: bool = False,
     retry_failed: bool = False,
     progress: bool = True,
 ) -> ShardReport:
@@ -132,6 +133,7 @@ def download_to_shards(
 
     Only `len(rows)` and `rows[i]` are used, one shard's slice at a time, so rows may be a lazy view of a large
     table. `total_timeout` bounds each URL as a whole (attempts, redirect hops and backoff pauses together).
+    `allowed_networks` and `use_env_proxies`: see `download.DownloadOptions`.
     `retry_failed`: in complete shards, fetch again the rows that failed for a transient reason (`TRANSIENT`);
     the shard is rewritten with its other rows taken from its own tar, without a request.
     """
@@ -140,7 +142,14 @@ def download_to_shards(
     if workers < 1:
         raise ValueError(f"`workers` must be >= 1, got {workers}.")
     opts = DownloadOptions(
-        connect_timeout, read_timeout, total_timeout, retries, backoff, max_bytes, allow_private_urls
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        total_timeout=total_timeout,
+        retries=retries,
+        backoff=backoff,
+        max_bytes=max_bytes,
+        allowed_networks=allowed_networks,
+        use_env_proxies=use_env_proxies,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,7 +243,7 @@ def _in_order(pool: ThreadPoolExecutor, tasks: list, window: int):
 def _fingerprint(urls: list, shard_size: int, opts: DownloadOptions) -> str:
     """What makes a shard's files valid: its URLs, the row -> shard mapping (shard_size), and the options that
     decide an outcome for good (a `private_address` or `too_large` failure must not outlive its setting)."""
-    fields = {"shard_size": shard_size, "urls": urls, "allow_private_urls": opts.allow_private_urls,
+    fields = {"shard_size": shard_size, "urls": urls, "allowed_networks": sorted(set(opts.allowed_networks)),
               "max_bytes": opts.max_bytes}  # fmt: skip
     text = json.dumps(fields, default=repr)  # repr: a non-str URL still counts
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()

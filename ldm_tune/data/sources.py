@@ -21,7 +21,7 @@ import itertools
 from pathlib import Path
 
 from ldm_tune.config import DataConfig
-from ldm_tune.data.images import BadItem, check_size, decode_image
+from ldm_tune.data.images import DEFAULT_FORMATS, BadItem, check_size, decode_image
 from ldm_tune.data.index import IndexBuilder, read_rows
 from ldm_tune.data.shards import read_member
 
@@ -40,8 +40,9 @@ class RecordSource:
 
     captions_checked = True  # the index keeps only rows with usable captions
 
-    def __init__(self, rows, max_pixels: int = MAX_PIXELS_DEFAULT, limits: tuple | None = None):
-        self.rows, self.max_pixels, self.limits = rows, max_pixels, limits
+    def __init__(self, rows, max_pixels: int = MAX_PIXELS_DEFAULT, limits: tuple | None = None,
+                 formats: tuple[str, ...] = DEFAULT_FORMATS):  # fmt: skip
+        self.rows, self.max_pixels, self.limits, self.formats = rows, max_pixels, limits, tuple(formats)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -65,15 +66,19 @@ class RecordSource:
         data, offset = self._value("image", index), self._offset(index)
         if offset >= 0:  # a downloaded image, inside its tar shard
             shard = Path(data)
-            data = read_member(shard.parent, shard.name, offset, self._value("size", index))
-        return _checked(decode_image(data, self.max_pixels, fixes), self.limits), self.caption(index)
+            try:
+                data = read_member(shard.parent, shard.name, offset, self._value("size", index))
+            except (OSError, ValueError, EOFError) as error:  # the shard went away or was cut since the download
+                raise BadItem("unreadable", f"{shard}: {error}") from error
+        image = decode_image(data, self.max_pixels, fixes, self.formats)
+        return _checked(image, self.limits), self.caption(index)
 
 
 class HFDatasetSource:
     """Any Hugging Face `datasets` dataset (hub name, local script/data folder, or a `save_to_disk` folder)."""
 
     def __init__(self, dataset, image_column: str, caption_column: str, max_pixels: int = MAX_PIXELS_DEFAULT,
-                 limits: tuple | None = None):  # fmt: skip
+                 limits: tuple | None = None, formats: tuple[str, ...] = DEFAULT_FORMATS):  # fmt: skip
         missing = [c for c in (image_column, caption_column) if c not in dataset.column_names]
         if missing:
             raise ValueError(f"Dataset columns {missing} not found; the dataset has {dataset.column_names}.")
@@ -83,7 +88,7 @@ class HFDatasetSource:
         if isinstance(dataset.features[image_column], datasets.Image):
             dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
         self.dataset, self.image_column, self.caption_column = dataset, image_column, caption_column
-        self.max_pixels, self.limits = max_pixels, limits
+        self.max_pixels, self.limits, self.formats = max_pixels, limits, tuple(formats)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -104,7 +109,8 @@ class HFDatasetSource:
             value = value.get("bytes") or value.get("path")
         if value is None:
             raise BadItem("missing_file", f"row {index} has no image")
-        return _checked(decode_image(value, self.max_pixels, fixes), self.limits), row[self.caption_column]
+        image = decode_image(value, self.max_pixels, fixes, self.formats)
+        return _checked(image, self.limits), row[self.caption_column]
 
     @classmethod
     def from_config(cls, cfg: DataConfig, split: str | None = None) -> HFDatasetSource:
@@ -119,7 +125,8 @@ class HFDatasetSource:
             dataset = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
         else:
             dataset = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, split=split)
-        return cls(dataset, cfg.image_column, cfg.caption_column, cfg.max_image_pixels, size_limits(cfg))
+        return cls(dataset, cfg.image_column, cfg.caption_column, cfg.max_image_pixels, size_limits(cfg),
+                   cfg.image_formats)  # fmt: skip
 
 
 def size_limits(cfg: DataConfig) -> tuple[int, float] | None:

@@ -2,7 +2,8 @@
 
 Samples are read in a seeded order (shards shuffled per epoch), checked one by one (a bad sample is skipped and its
 reason travels with the next batch, to be counted by the trainer), preprocessed and grouped into batches of one
-bucket. Nothing is extracted to disk, and a tar member with an absolute or `..` name is refused.
+bucket. Shards are read by `tar_reader` (bounded members, nothing extracted to disk, absolute or `..` names
+refused, a truncation counted once).
 
 Only the main process reads the stream; `MainProcessStream` hands every process its slice of each batch, so that
 under N processes every sample is trained on once per epoch, with no duplicates and no process waiting forever.
@@ -14,7 +15,7 @@ import hashlib
 import itertools
 import json
 import logging
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -26,13 +27,14 @@ from ldm_tune.data.buckets import assign_bucket, make_buckets
 from ldm_tune.data.dataset import collate
 from ldm_tune.data.images import BadItem, decode_image, to_rgb
 from ldm_tune.data.items import ItemInfo, check_captions
+from ldm_tune.data.tar_reader import tar_samples
 
 
 logger = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")  # decode_image checks the format
 
 
-def expand_shards(spec: str | list[str], allow_private_urls: bool = False) -> list[str]:
+def expand_shards(spec: str | list[str], allowed_networks: tuple[str, ...] = ()) -> list[str]:
     """Expand brace patterns (`data/{000..099}.tar`) and check every shard: local file, or http(s) URL."""
     from braceexpand import braceexpand
 
@@ -41,7 +43,7 @@ def expand_shards(spec: str | list[str], allow_private_urls: bool = False) -> li
     shards = [s for pattern in ([spec] if isinstance(spec, str) else spec) for s in braceexpand(pattern)]
     for shard in shards:
         if "://" in shard:
-            reason = check_url(shard, allow_private_urls)
+            reason = check_url(shard, allowed_networks)
             if reason is not None:
                 raise ValueError(f"`data.train_shards` entry {shard!r} is refused: {reason}.")
         elif not Path(shard).is_file():
@@ -49,12 +51,6 @@ def expand_shards(spec: str | list[str], allow_private_urls: bool = False) -> li
     if not shards:
         raise ValueError(f"`data.train_shards` {spec!r} names no shard.")
     return shards
-
-
-def safe_member_name(key: str) -> bool:
-    """A tar member name must stay inside the archive: not absolute, no `..` part, no drive letter."""
-    path = PurePosixPath(key)
-    return not path.is_absolute() and ".." not in path.parts and ":" not in key and "\\" not in key
 
 
 def _caption_of(sample: dict, caption_column: str):
@@ -77,11 +73,22 @@ def shard_order(shards: list, seed: int, epoch: int) -> list:
     return [shards[i] for i in np.random.default_rng([seed, epoch + 1]).permutation(len(shards))]
 
 
-def read_shard(url: str, handler):
-    """The samples of one shard as webdataset groups them (raw member bytes by extension); nothing is decoded."""
-    from webdataset.tariterators import tarfile_samples
+def read_shard(url: str, max_member_bytes: int, download=None):
+    """(key, {extension: bytes} or BadItem) per sample of one shard, nothing decoded (see `tar_reader`). A remote
+    shard is streamed through the vetted downloader (`download.open_url`: address checks, pinned connections,
+    idle deadline), never a shell tool."""
+    try:
+        if "://" in url:
+            from ldm_tune.data.download import DownloadOptions, open_url
 
-    return tarfile_samples([{"url": url}], handler=handler)
+            stream = open_url(url, download or DownloadOptions())
+        else:
+            stream = open(url, "rb")  # closed below, whatever happens while reading
+    except Exception as error:  # a shard that cannot be opened (missing, refused, unreachable) is counted and skipped
+        yield f"{url}/open", BadItem(getattr(error, "reason", "unreadable_shard"), str(error))
+        return
+    with stream:
+        yield from tar_samples(stream, max_member_bytes)
 
 
 class PositionedSamples:
@@ -117,42 +124,36 @@ class PositionedSamples:
 
 
 class ShardSamples(PositionedSamples):
-    """(key, image bytes, caption) per sample of WebDataset tar shards; bad ones as BadItem."""
+    """(key, image bytes, caption) per sample of WebDataset tar shards; bad ones as BadItem.
 
-    def __init__(self, shards: list[str], caption_column: str, seed: int, epoch: int, start: dict | None = None):
+    `max_member_bytes` bounds each tar member; `download` (`DownloadOptions`) is how remote shards are fetched.
+    """
+
+    def __init__(self, shards: list[str], caption_column: str, seed: int, epoch: int, start: dict | None = None,
+                 max_member_bytes: int = 50 * 2**20, download=None):  # fmt: skip
         super().__init__(shards, seed, epoch, start)
-        self.caption_column = caption_column
+        self.caption_column, self.max_member_bytes, self.download = caption_column, max_member_bytes, download
 
     def _entries(self, url: str, skip: int):
         return itertools.islice(self._samples(url), skip, None)
 
     def _samples(self, url: str):
-        failures = []
-
-        def record(error: Exception) -> bool:  # a corrupt shard is skipped and counted, the stream goes on
-            failures.append(error)
-            return True
-
-        for sample in read_shard(url, record):
-            while failures:
-                yield f"{url}/shard-error-{len(failures)}", BadItem("corrupt_shard", str(failures.pop())), None
-            key = f"{sample.get('__url__')}/{sample['__key__']}"
-            if not safe_member_name(sample["__key__"]):
-                yield key, BadItem("unsafe_tar_member", sample["__key__"]), None
+        for key, sample in read_shard(url, self.max_member_bytes, self.download):
+            if isinstance(sample, BadItem):
+                yield f"{url}/{key}", sample, None
                 continue
             image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
             yield (
-                key,
+                f"{url}/{key}",
                 image if image is not None else BadItem("missing_file", "no image member"),
                 _caption_of(sample, self.caption_column),
             )
-        while failures:
-            yield f"{url}/shard-error-{len(failures)}", BadItem("corrupt_shard", str(failures.pop())), None
 
 
-def webdataset_samples(shards: list[str], caption_column: str, seed: int, epoch: int, start: dict | None = None):
+def webdataset_samples(shards: list[str], caption_column: str, seed: int, epoch: int, start: dict | None = None,
+                       **limits):  # fmt: skip
     """The samples of the shards for `epoch`, from the start or from a position (see `ShardSamples`)."""
-    return ShardSamples(shards, caption_column, seed, epoch, start)
+    return ShardSamples(shards, caption_column, seed, epoch, start, **limits)
 
 
 class HFStreamSamples(PositionedSamples):
@@ -243,7 +244,10 @@ class StreamingDataset(IterableDataset):
         captions = check_captions(caption)
         if image is None:
             raise BadItem("missing_file")
-        image = to_rgb(image) if isinstance(image, Image.Image) else decode_image(image, self.cfg.max_image_pixels)
+        if isinstance(image, Image.Image):
+            image = to_rgb(image)
+        else:
+            image = decode_image(image, self.cfg.max_image_pixels, formats=self.cfg.image_formats)
         width, height = image.size
         if min(width, height) < self.cfg.min_image_size:
             raise BadItem("too_small", f"{width}x{height}")
