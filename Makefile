@@ -43,6 +43,7 @@ bench: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_data.py --out outputs/bench/data.json
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_lora.py --out outputs/bench/lora.json
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_corpus.py --out outputs/bench/corpus.json
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_fuzz.py --cases 10000 --out outputs/bench/fuzz.json
 
 # configs/tiny.yaml end to end on the CPU: builds the tiny model and the shapes data when missing.
 train-tiny: install

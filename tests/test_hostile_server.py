@@ -26,7 +26,7 @@ from http_server import (  # noqa: F401  (fixtures)
     stream_bytes,
 )
 
-from ldm_tune.data import netpolicy
+from ldm_tune.data import connections, netpolicy
 from ldm_tune.data.download import DownloadError, DownloadOptions, SessionPool, fetch_image, open_url
 
 
@@ -65,7 +65,7 @@ def reason(outcome):
 def dials_fixture(monkeypatch):
     """Every address a download dials, in order; only loopback is really dialled."""
     dialled = []
-    real = netpolicy._connect
+    real = connections._connect
 
     def connect(address, port, *args, **kwargs):
         dialled.append(address)
@@ -73,7 +73,7 @@ def dials_fixture(monkeypatch):
             raise ConnectionRefusedError(f"the tests dial loopback only, not {address}")
         return real(address, port, *args, **kwargs)
 
-    monkeypatch.setattr(netpolicy, "_connect", connect)
+    monkeypatch.setattr(connections, "_connect", connect)
     return dialled
 
 

@@ -1,5 +1,6 @@
 """`download_to_shards` against the local HTTP server (offline): shard layout, offsets, resume, interruption."""
 
+import dataclasses
 import json
 import re
 import tarfile
@@ -10,6 +11,7 @@ import pytest
 from http_server import JPEG, MAX_BYTES, PNG, fake_dns, no_proxy_fixture, server_fixture  # noqa: F401  (fixtures)
 
 from ldm_tune.data import shards
+from ldm_tune.data.download import DownloadOptions
 from ldm_tune.data.shards import ShardReport, download_to_shards, read_member
 
 
@@ -33,20 +35,14 @@ class Rows:
 
 def shard(rows, out_dir, **overrides):
     """download_to_shards with the tests' short bounds; the server is on 127.0.0.1, so loopback is allowed."""
-    kwargs = dict(
-        shard_size=3,
-        workers=3,
-        connect_timeout=2.0,
-        read_timeout=2.0,
-        total_timeout=3.0,
-        retries=0,
-        backoff=0.01,
-        max_bytes=MAX_BYTES,
-        allowed_networks=("127.0.0.0/8",),
-        progress=False,
-    )
-    kwargs.update(overrides)
-    return download_to_shards(rows if isinstance(rows, Rows) else Rows(rows), out_dir, **kwargs)
+    kwargs = dict(shard_size=3, workers=3, progress=False)
+    options = dict(connect_timeout=2.0, read_timeout=2.0, total_timeout=3.0, retries=0, backoff=0.01,
+                   max_bytes=MAX_BYTES, allowed_networks=("127.0.0.0/8",))  # fmt: skip
+    option_names = {f.name for f in dataclasses.fields(DownloadOptions) if f.init}
+    for name, value in overrides.items():
+        (options if name in option_names else kwargs)[name] = value
+    rows = rows if isinstance(rows, Rows) else Rows(rows)
+    return download_to_shards(rows, out_dir, DownloadOptions(**options), **kwargs)
 
 
 def listing(out_dir):

@@ -71,3 +71,50 @@ def test_an_oversized_member_is_never_read_and_unsafe_names_are_refused():
     escape = shard_bytes({"../up": {"png": b"x", "txt": b"y"}, "/abs/x": {"png": b"x"}, "ok": {"png": b"p"}})
     reasons = [s.reason if isinstance(s, BadItem) else s for _, s in read(escape)]
     assert reasons == ["unsafe_tar_member", "unsafe_tar_member", {"png": b"p"}]
+
+
+def test_remote_shards_go_through_the_vetted_downloader(monkeypatch):
+    """A shard URL is fetched by `download.open_url`: a private address is refused unless allowed, and a server
+    that stalls mid-shard ends it after the idle timeout, the samples before kept, the stall counted once."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from ldm_tune.data.download import DownloadOptions
+    from ldm_tune.data.streaming import ShardSamples
+
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    body = shard_bytes(SAMPLES)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.path.startswith("/stall"):
+                self.wfile.write(body[:3000])  # the first sample and a half, then silence
+                self.wfile.flush()
+                time.sleep(3)
+            else:
+                self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        local = DownloadOptions(read_timeout=0.5, allowed_networks=("127.0.0.0/8",))
+        whole = list(ShardSamples([f"{base}/a.tar"], "text", 0, 0, download=local))
+        assert [(k.rsplit("/", 1)[-1], image) for k, image, _ in whole] == [
+            (k.rsplit("/", 1)[-1], m["png"]) for k, m in SAMPLES.items()]  # fmt: skip
+        refused = list(ShardSamples([f"{base}/a.tar"], "text", 0, 0, download=DownloadOptions()))
+        assert len(refused) == 1 and refused[0][1].reason == "private_address"
+        start = time.monotonic()
+        stalled = list(ShardSamples([f"{base}/stall.tar"], "text", 0, 0, download=local))
+        assert time.monotonic() - start < 2.5
+        assert [e[2] for e in stalled[:-1]] == ["caption 0"] and stalled[-1][1].reason == "timeout"
+    finally:
+        server.shutdown()

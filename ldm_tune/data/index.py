@@ -235,19 +235,16 @@ def resolve_urls(rows, cfg, cache_dir: Path, name: str, progress: bool = True, r
     """
     import pyarrow.compute as pc
 
+    from ldm_tune.data.download import download_options
     from ldm_tune.data.shards import download_to_shards
 
     table = rows.data.table
     positions = np.flatnonzero(pc.match_substring_regex(table.column("image"), URL_PATTERN).to_numpy(False))
     if not len(positions):
         return rows, None, None
-    report = download_to_shards(
-        _UrlRows(table, positions), cache_dir / "shards" / name, shard_size=cfg.download_shard_size,
-        workers=cfg.download_workers, connect_timeout=cfg.download_timeout, read_timeout=cfg.download_timeout,
-        total_timeout=cfg.download_total_timeout, retries=cfg.download_retries, max_bytes=cfg.max_download_bytes,
-        allowed_networks=tuple(cfg.allowed_networks), use_env_proxies=cfg.use_env_proxies, retry_failed=retry_failed,
-        progress=progress,
-    )  # fmt: skip
+    report = download_to_shards(_UrlRows(table, positions), cache_dir / "shards" / name, download_options(cfg),
+                                 shard_size=cfg.download_shard_size, workers=cfg.download_workers,
+                                 retry_failed=retry_failed, progress=progress)  # fmt: skip
     got = report.table()
     ok = pc.equal(got.column("status"), "success")
     failed = positions[~ok.to_numpy(False)]

@@ -14,7 +14,7 @@ from ldm_tune.config import TrainConfig
 from ldm_tune.data.buckets import BucketBatchSampler
 from ldm_tune.data.cache import LatentCache, TextCache, fill_latent_cache, fill_text_cache, model_fingerprint
 from ldm_tune.data.dataset import VALIDATION_EPOCH, TextImageDataset, collate
-from ldm_tune.data.download import DownloadOptions
+from ldm_tune.data.download import download_options
 from ldm_tune.data.pipeline import PreparedData, default_cache_dir, prepare_data
 from ldm_tune.data.streaming import (
     MainProcessStream,
@@ -93,9 +93,7 @@ def stream_loader(config: TrainConfig, accelerator, train: TextImageDataset) -> 
     d = config.data
     if d.train_shards is not None:
         shards = expand_shards(d.train_shards, tuple(d.allowed_networks))
-        download = DownloadOptions(d.download_timeout, d.download_timeout, d.download_total_timeout,
-                                   d.download_retries, max_bytes=d.max_download_bytes,
-                                   allowed_networks=tuple(d.allowed_networks), use_env_proxies=d.use_env_proxies)  # fmt: skip
+        download = download_options(d)
 
         def samples(epoch, start=None):  # shards record positions: a resumed stream starts where it stood
             return webdataset_samples(shards, d.caption_column, config.seed, epoch, start,

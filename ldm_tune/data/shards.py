@@ -115,25 +115,18 @@ def read_member(out_dir: str | Path, shard_name: str, offset: int, size: int) ->
 def download_to_shards(
     rows: Sequence,
     out_dir: str | Path,
+    opts: DownloadOptions | None = None,
     *,
     shard_size: int = 10_000,
     workers: int = 8,
-    connect_timeout: float = 5.0,
-    read_timeout: float = 10.0,
-    total_timeout: float = 30.0,
-    retries: int = 2,
-    backoff: float = 0.5,
-    max_bytes: int = 20 * 2**20,
-    allowed_networks: Sequence[str] = (),
-    use_env_proxies: bool = False,
     retry_failed: bool = False,
     progress: bool = True,
 ) -> ShardReport:
     """Download `rows` (a Sequence of (url, caption) pairs; caption a str, a list of str, or None) into shards.
 
     Only `len(rows)` and `rows[i]` are used, one shard's slice at a time, so rows may be a lazy view of a large
-    table. `total_timeout` bounds each URL as a whole (attempts, redirect hops and backoff pauses together).
-    `allowed_networks` and `use_env_proxies`: see `download.DownloadOptions`.
+    table. `opts` (`download.DownloadOptions`): the bounds and network policy of each fetch; `total_timeout`
+    bounds each URL as a whole (attempts, redirect hops and backoff pauses together).
     `retry_failed`: in complete shards, fetch again the rows that failed for a transient reason (`TRANSIENT`);
     the shard is rewritten with its other rows taken from its own tar, without a request.
     """
@@ -141,16 +134,7 @@ def download_to_shards(
         raise ValueError(f"`shard_size` must be >= 1, got {shard_size}.")
     if workers < 1:
         raise ValueError(f"`workers` must be >= 1, got {workers}.")
-    opts = DownloadOptions(
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-        total_timeout=total_timeout,
-        retries=retries,
-        backoff=backoff,
-        max_bytes=max_bytes,
-        allowed_networks=allowed_networks,
-        use_env_proxies=use_env_proxies,
-    )
+    opts = opts or DownloadOptions()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     total = len(rows)

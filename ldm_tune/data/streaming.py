@@ -81,7 +81,8 @@ def read_shard(url: str, max_member_bytes: int, download=None):
         if "://" in url:
             from ldm_tune.data.download import DownloadOptions, open_url
 
-            stream = open_url(url, download or DownloadOptions())
+            opts = download or DownloadOptions()
+            stream = _ShortReads(open_url(url, opts, idle_timeout=opts.read_timeout))  # a stall ends it, counted
         else:
             stream = open(url, "rb")  # closed below, whatever happens while reading
     except Exception as error:  # a shard that cannot be opened (missing, refused, unreachable) is counted and skipped
@@ -89,6 +90,23 @@ def read_shard(url: str, max_member_bytes: int, download=None):
         return
     with stream:
         yield from tar_samples(stream, max_member_bytes)
+
+
+class _ShortReads:
+    """A network stream whose `read(n)` returns what has arrived (`read1`), as tarfile's stream reader handles:
+    a buffered `read(n)` would wait for all n bytes, so the samples before a stall would never be seen."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def read(self, size: int = -1) -> bytes:
+        return self.stream.read1(size) if size > 0 else self.stream.read()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stream.close()
 
 
 class PositionedSamples:
