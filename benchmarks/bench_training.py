@@ -1,15 +1,25 @@
-"""Training speed of the tiny preset on this machine: samples/s at 64 px, batch 16 (fp32, no caches).
+"""Training speed of the tiny preset, ours beside the reference loop, each ratio taken in one run of this script.
 
-Builds the tiny model and a shapes dataset in a temporary folder, trains `--steps` updates with metrics logged at
-every step, and reports the median samples/s after `--warmup` updates, with the machine and its fp32 matmul
-ceiling. Usage: python benchmarks/bench_training.py [--steps 60] [--out outputs/bench/training.json]
+"reference" is ldm_tune set up as diffusers' train_text_to_image.py runs: the VAE and the text encoder encode
+every image and caption at every step, foreach AdamW (torch's default there), no caches. "ours" is ldm_tune as it
+ships for a fine-tune: latent and text-embedding caches (each image and caption encoded once), fused AdamW. Both
+train the tiny preset at 64 px, batch 16, fp32, on the same shapes data with the same seed; each run is a child
+process (its own peak RSS), the configurations alternate, and each is repeated `--repeats` times.
+
+Reports per configuration: steady samples/s (the median over updates after `--warmup`; the median and spread over
+repeats), start-up seconds (process start to the end of update 1: model load, data check, cache fill), peak RSS;
+and the ratio ours / reference. Prints the machine and its measured fp32 matmul ceiling; writes JSON.
+Usage: python benchmarks/bench_training.py [--steps 40] [--repeats 3] [--out outputs/bench/training.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,42 +27,132 @@ from pathlib import Path
 from bench_inference import describe_machine
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--out", default="outputs/bench/training.json")
-    args = parser.parse_args()
+CONFIGS = {
+    "reference": [],  # plus foreach AdamW, see run_child
+    "ours": ["data.cache_latents=true", "data.cache_text_embeddings=true"],
+    # A lever measured and not kept: bf16 autocast (this CPU may have AVX-512-BF16/AMX; measured, not assumed).
+    "ours, bf16 autocast": [
+        "data.cache_latents=true",
+        "data.cache_text_embeddings=true",
+        "training.mixed_precision=bf16",
+    ],  # fmt: skip
+}
+
+
+def unet_flops_per_sample(model: str, batch: int) -> float:
+    """FLOPs of one training sample through the UNet (forward and backward) at 64 px, counted by torch's
+    FlopCounterMode with attention on the math backend (CPU flash attention reports no FLOPs)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").train()
+    latents = torch.randn(batch, unet.config.in_channels, 16, 16)  # 64 px through the tiny VAE's factor 4
+    states = torch.randn(batch, 77, unet.config.cross_attention_dim)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        unet(latents, torch.full((batch,), 500), states).sample.square().mean().backward()
+    return counter.get_total_flops() / batch
+
+
+def run_child(name: str, model: str, data: str, out: str, steps: int, warmup: int, batch: int) -> dict:
+    """One training run of configuration `name` (in a child process)."""
+    start = time.perf_counter()
+    import torch
 
     from ldm_tune.config import load_config
+    from ldm_tune.tracking import read_metrics
+    from ldm_tune.training import Trainer
+
+    if name == "reference":  # the diffusers example's optimizer: torch's default foreach AdamW, not fused
+        adamw = torch.optim.AdamW
+
+        def foreach_adamw(params, **kwargs):
+            kwargs.pop("fused", None)
+            return adamw(params, foreach=True, **kwargs)
+
+        torch.optim.AdamW = foreach_adamw
+    config = load_config(None, [
+        f"model.pretrained_model_name_or_path={model}", f"data.train_data_dir={data}", "data.resolution=64",
+        "data.center_crop=true", f"training.train_batch_size={batch}", f"training.max_train_steps={steps}",
+        "training.lr_warmup_steps=0", "logging.logging_steps=1", f"checkpointing.checkpointing_steps={steps}",
+        "validation.validation_steps=0", f"output_dir={out}", f"data.cache_dir={out}-cache", *CONFIGS[name],
+    ])  # fmt: skip
+    trainer = Trainer(config)
+    first, original = [], trainer._after_update
+
+    def after_update(*args):
+        if not first:
+            first.append(time.perf_counter() - start)
+        original(*args)
+
+    trainer._after_update = after_update
+    trainer.train()
+    rates = [r["samples_per_s"] for r in read_metrics(Path(out) / "metrics.jsonl") if "samples_per_s" in r]
+    return {"samples_per_s": statistics.median(rates[warmup:]), "start_up_s": first[0],
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+
+
+def summarize(runs: list[dict]) -> dict:
+    rates = [r["samples_per_s"] for r in runs]
+    return {"samples_per_s": statistics.median(rates), "spread": [min(rates), max(rates)],
+            "start_up_s": statistics.median(r["start_up_s"] for r in runs),
+            "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs), "runs": runs}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", default="outputs/bench/training.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(run_child(**json.loads(args.child))))
+        return
+
     from ldm_tune.data.shapes import make_shapes_dataset
     from ldm_tune.presets import init_model
-    from ldm_tune.tracking import read_metrics
-    from ldm_tune.training import train
 
     machine = describe_machine()
     work = Path(tempfile.mkdtemp(prefix="ldm-bench-train-"))
     model = init_model("tiny", work / "tiny")
     data = make_shapes_dataset(work / "shapes", n=512, size=64, validation_fraction=0)
-    config = load_config(None, [
-        f"model.pretrained_model_name_or_path={model}", f"data.train_data_dir={data / 'train'}",
-        "data.resolution=64", "data.center_crop=true", f"training.train_batch_size={args.batch_size}",
-        f"training.max_train_steps={args.steps}", "training.lr_warmup_steps=0", "logging.logging_steps=1",
-        f"checkpointing.checkpointing_steps={args.steps}", "validation.validation_steps=0", f"output_dir={work / 'run'}",
-    ])  # fmt: skip
-    start = time.perf_counter()
-    train(config)
-    wall = time.perf_counter() - start
-    rates = [r["samples_per_s"] for r in read_metrics(work / "run" / "metrics.jsonl") if "samples_per_s" in r]
-    median = statistics.median(rates[args.warmup :])
-    print(f"\ntiny preset, 64 px, batch {args.batch_size}, fp32, {args.steps} updates ({args.warmup} warm-up)")
-    print(f"samples/s median {median:.1f} (min {min(rates[args.warmup:]):.1f}, max {max(rates[args.warmup:]):.1f}); "
-          f"whole run incl. load, checkpoint and export: {wall:.1f} s")  # fmt: skip
+    runs = {name: [] for name in CONFIGS}
+    for repeat in range(args.repeats):
+        for name in CONFIGS:  # alternating, so a drift of the machine touches both alike
+            child = {"name": name, "model": str(model), "data": str(data / "train"), "steps": args.steps,
+                     "out": str(work / f"{name}-{repeat}"), "warmup": args.warmup, "batch": args.batch_size}  # fmt: skip
+            result = subprocess.run([sys.executable, __file__, "--child", json.dumps(child)], capture_output=True,
+                                    text=True, check=False)  # fmt: skip
+            line = next((x for x in result.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
+            runs[name].append(json.loads(line[7:]))
+            print(f"  {name} #{repeat + 1}: {runs[name][-1]}", flush=True)
+    table = {name: summarize(r) for name, r in runs.items()}
+    ratio = table["ours"]["samples_per_s"] / table["reference"]["samples_per_s"]
+    flops = unet_flops_per_sample(str(model), args.batch_size)
+    for row in table.values():  # the UNet's share of the work, against the machine's fp32 matmul ceiling
+        row["unet_gflops"] = flops * row["samples_per_s"] / 1e9
+        row["percent_of_ceiling"] = 100 * row["unet_gflops"] / machine["fp32_matmul_gflops"]
+    print(f"\ntiny preset, 64 px, batch {args.batch_size}, fp32, {args.steps} updates ({args.warmup} warm-up), "
+          f"{args.repeats} repeats; medians, spread = min-max over repeats")  # fmt: skip
+    print("| configuration | samples/s | spread | start-up s | peak RSS MiB | UNet GFLOP/s | % of fp32 ceiling |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, row in table.items():
+        print(f"| {name} | {row['samples_per_s']:.1f} | {row['spread'][0]:.1f}-{row['spread'][1]:.1f} | "
+              f"{row['start_up_s']:.1f} | {row['peak_rss_mib']:.0f} | {row['unet_gflops']:.1f} | "
+              f"{row['percent_of_ceiling']:.0f} |")  # fmt: skip
+    print(f"| ours / reference | x{ratio:.2f} | | | | | |")
+    print(f"UNet forward + backward: {flops / 1e9:.2f} GFLOP per sample")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "batch_size": args.batch_size, "steps": args.steps,
-                               "samples_per_s_median": median, "samples_per_s": rates, "wall_s": wall}, indent=2))  # fmt: skip
+                               "unet_flops_per_sample": flops, "table": table, "ratio_samples_per_s": ratio},
+                              indent=2))  # fmt: skip
     print(f"wrote {out}")
 
 
