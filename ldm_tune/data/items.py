@@ -47,7 +47,8 @@ def check_captions(caption) -> list[str]:
 
 class ItemTable:
     """Items of one source as columns: `index` into the source, `width`, `height` (0 until known: `data.verify:
-    lazy`), `sha256` (hex, empty until known) and loss `weight`. `table[position]` is an `ItemInfo`."""
+    lazy`), `sha256` (the 32 raw bytes; None until known) and loss `weight`. `table[position]` is an `ItemInfo`
+    (with the hex digest)."""
 
     def __init__(self, source, index, width=None, height=None, sha256=None, weight=None):
         n = len(index)
@@ -56,14 +57,14 @@ class ItemTable:
         self.width = np.zeros(n, np.int32) if width is None else np.asarray(width, dtype=np.int32)
         self.height = np.zeros(n, np.int32) if height is None else np.asarray(height, dtype=np.int32)
         # Fixed-width bytes, one buffer, no per-item str objects; None while unknown (`data.verify: lazy`).
-        self.sha256 = None if sha256 is None else np.asarray(sha256, dtype="S64")
+        self.sha256 = None if sha256 is None else np.asarray(sha256, dtype="S32")
         self.weight = np.ones(n, np.float32) if weight is None else np.asarray(weight, dtype=np.float32)
 
     @classmethod
     def from_infos(cls, source, infos: list[ItemInfo]) -> ItemTable:
         """The table of a list of `ItemInfo` (what the upfront scan builds)."""
         return cls(source, [i.index for i in infos], [i.width for i in infos], [i.height for i in infos],
-                   [i.sha256 for i in infos], [i.weight for i in infos])  # fmt: skip
+                   [bytes.fromhex(i.sha256) for i in infos], [i.weight for i in infos])  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.index)
@@ -77,7 +78,9 @@ class ItemTable:
                         self._sha256(position), captions, float(self.weight[position]))  # fmt: skip
 
     def _sha256(self, position: int) -> str:
-        return "" if self.sha256 is None else self.sha256[position].decode()
+        if self.sha256 is None or not self.sha256[position]:  # unknown (a lazy part beside an upfront one)
+            return ""
+        return self.sha256[position].ljust(32, b"\0").hex()  # numpy drops trailing NUL bytes: put them back
 
     def __iter__(self):
         return (self[position] for position in range(len(self)))
@@ -103,6 +106,6 @@ class ItemTable:
         index = np.concatenate([t.index + offset for t, offset in zip(tables, offsets, strict=True)])
         columns = {c: np.concatenate([getattr(t, c) for t in tables]) for c in ("width", "height", "weight")}
         if any(t.sha256 is not None for t in tables):
-            columns["sha256"] = np.concatenate([t.sha256 if t.sha256 is not None else np.zeros(len(t), "S64")
+            columns["sha256"] = np.concatenate([t.sha256 if t.sha256 is not None else np.zeros(len(t), "S32")
                                                 for t in tables])  # fmt: skip
         return cls(source, index, **columns)

@@ -96,7 +96,7 @@ def _scan_cache_path(cache_dir: Path, cfg: DataConfig, origin: str | Path | None
     origin = origin if origin is not None else cfg.train_data_dir or cfg.train_data_file or cfg.dataset_name
     # What the decode decides depends on these too: a changed setting or decoder scans again.
     key = json.dumps([str(origin), cfg.max_image_pixels, sorted(cfg.image_formats), DECODE_VERSION])
-    return cache_dir / "scans" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+    return cache_dir / "scans" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.parquet"
 
 
 def _split(source, items: ItemTable, cfg: DataConfig) -> Split:
@@ -183,7 +183,7 @@ def _separate_validation(cfg: DataConfig, scan: _Scanner) -> tuple[Split, DataRe
     else:
         val_source = HFDatasetSource.from_config(cfg, split=cfg.validation_dataset_split)
     scan_path = _scan_cache_path(scan.cache_dir, cfg)
-    val_path = scan_path.with_name(scan_path.stem + "-validation.json")
+    val_path = scan_path.with_name(scan_path.stem + "-validation.parquet")
     val_items, val_report = scan(val_source, val_path, val_report, "validation")
     return _split(val_source, val_items, cfg), val_report
 

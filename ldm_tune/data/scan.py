@@ -2,14 +2,13 @@
 
 Each image is fully decoded once (in threads; PIL releases the GIL while decoding), so corrupt, truncated or
 oversized files are skipped up front instead of failing mid-run. What the decode found about a file (size, hash,
-repairs, or why it is bad) is cached, keyed by path, size and modification time, so later runs only re-check
-captions. The report counts every reason; a run stops when more than `max_bad_fraction` of the items are bad.
+repairs, or why it is bad) is cached in a parquet table, keyed by path, size and modification time, so later runs
+only re-check captions; the checks of millions of items are numpy operations over columns, not Python objects. The report counts every reason; a run stops when more than `max_bad_fraction` of the items are bad.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -19,14 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ldm_tune.data.images import BadItem, check_size
-from ldm_tune.data.items import ItemInfo, ItemTable, check_captions
+from ldm_tune.data.images import BadItem
+from ldm_tune.data.items import ItemTable, check_captions
 
 
 logger = logging.getLogger(__name__)
 SAVE_EVERY_S = 60.0  # how often a running scan writes its cache (a 1 M-entry cache takes about a second to write)
+CACHE_SCHEMA = pa.schema([("key", pa.binary(16)), ("width", pa.int32()), ("height", pa.int32()),
+                          ("sha256", pa.binary(32)), ("fixes", pa.string()), ("reason", pa.string())])  # fmt: skip
 
 
 @dataclass
@@ -113,12 +117,13 @@ class DataReport:
         return out
 
 
-def _file_key(path: Path) -> str | None:
+def _file_key(path: Path | None) -> bytes | None:
+    """16 bytes that change when the file does: a digest of its path, size and modification time."""
     try:
         stat = path.stat()
-    except OSError:
+    except (OSError, AttributeError):  # gone, or no file at all (a dataset row's bytes)
         return None
-    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return hashlib.blake2b(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode(), digest_size=16).digest()
 
 
 def _decode_facts(source, index: int) -> dict:
@@ -136,18 +141,53 @@ def _decode_facts(source, index: int) -> dict:
     return {"width": image.width, "height": image.height, "sha256": digest, "fixes": fixes}
 
 
+def _fixed(column, width: int) -> np.ndarray:
+    """A fixed-size binary Arrow column as a numpy `S<width>` array, without a Python object per value."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if len(array) == 0:
+        return np.zeros(0, f"S{width}")
+    return np.frombuffer(array.buffers()[1], f"S{width}", count=len(array), offset=array.offset * width)
+
+
 class ScanCache:
-    """Decode facts of files, keyed by path, size and mtime (a changed file is decoded again)."""
+    """Decode facts of files, keyed by a digest of path, size and mtime (a changed file is decoded again).
+
+    A parquet table (`key`, `width`, `height`, `sha256`, `fixes`, `reason`) looked up with Arrow's hash join: a
+    cache of millions of files costs tens of bytes per file, not a Python dict entry each.
+    """
 
     def __init__(self, path: Path | None):
-        self.path = path
-        self.entries = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+        self.path, self.pending = path, {name: [] for name in CACHE_SCHEMA.names}
+        self.table = CACHE_SCHEMA.empty_table()
+        if path is not None and path.is_file():
+            try:
+                self.table = pq.read_table(path, schema=CACHE_SCHEMA)
+            except (OSError, pa.ArrowException) as error:  # an unreadable cache is rebuilt, never trusted
+                logger.warning("Scan cache %s unreadable (%s): checking every image again.", path, error)
+
+    def add(self, key: bytes, facts: dict) -> None:
+        values = (key, facts.get("width", 0), facts.get("height", 0), bytes.fromhex(facts.get("sha256", "00" * 32)),
+                  ",".join(facts.get("fixes", [])), facts.get("reason", ""))  # fmt: skip
+        for name, value in zip(CACHE_SCHEMA.names, values, strict=True):
+            self.pending[name].append(value)
+
+    def _merge(self) -> None:
+        if self.pending["key"]:
+            self.table = pa.concat_tables([self.table, pa.table(self.pending, schema=CACHE_SCHEMA)])
+            self.pending = {name: [] for name in CACHE_SCHEMA.names}
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """The cache row of each key (an `S16` array), -1 where there is none."""
+        self._merge()
+        found = pc.index_in(pa.array(keys, type=pa.binary(16)), value_set=self.table.column("key"))
+        return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
 
     def save(self) -> None:
+        self._merge()
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(self.entries))
+            pq.write_table(self.table, tmp)
             os.replace(tmp, self.path)  # atomic: an interrupted save leaves the previous cache
 
 
@@ -155,26 +195,25 @@ def scan_source(source, cfg, tokenizer=None, cache_path: Path | None = None, wor
                 progress: bool = True, report: DataReport | None = None) -> tuple[ItemTable, DataReport]:  # fmt: skip
     """Check every item of `source`; return the usable ones and the report.
 
-    `data.verify: lazy` checks only the captions here; each image is checked when first loaded (its source carries
-    the size limits, see `ldm_tune.data.pipeline`), so training starts without a decode pass over the corpus.
+    Each distinct file is decoded once (a list may name one file on many rows), and only when the cache does not
+    know it. `data.verify: lazy` checks only the captions here; each image is checked when first loaded (its source
+    carries the size limits, see `ldm_tune.data.pipeline`), so training starts without a decode pass.
     """
     report = report or DataReport()
     if cfg.verify == "lazy":
         return _captions_only(source, report), report
     cache = ScanCache(cache_path)
-    keys = [_file_key(source.file(i)) if source.file(i) is not None else None for i in range(len(source))]
-    todo = [i for i in range(len(source)) if keys[i] is None or keys[i] not in cache.entries]
-    decoded = _decode_all(source, todo, keys, cache, workers, progress)
-    items = []
+    keys, keyed = np.zeros(len(source), "S16"), np.zeros(len(source), bool)
     for i in range(len(source)):
-        report.total += 1
-        facts = decoded.get(i) or cache.entries[keys[i]]
-        try:
-            items.append(_check_item(source, i, facts, cfg, tokenizer, report))
-            report.kept += 1
-        except BadItem as error:
-            report.add(report.bad, error.reason, source.origin(i))
-    return ItemTable.from_infos(source, items), report
+        key = _file_key(source.file(i))
+        if key is not None:
+            keys[i], keyed[i] = key, True
+    missing = np.flatnonzero(keyed & (cache.lookup(keys) < 0))
+    _, first = np.unique(keys[missing], return_index=True)  # one decode per distinct file
+    todo = np.concatenate([missing[np.sort(first)], np.flatnonzero(~keyed)])
+    unkeyed = _decode_all(source, todo, keys, keyed, cache, workers, progress)
+    rows = np.where(keyed, cache.lookup(keys), -1)
+    return _checked_items(source, rows, unkeyed, cache.table, cfg, tokenizer, report), report
 
 
 def _captions_only(source, report: DataReport) -> ItemTable:
@@ -195,17 +234,23 @@ def _captions_only(source, report: DataReport) -> ItemTable:
     return ItemTable(source, kept)
 
 
-def _decode_all(source, todo: list[int], keys: list, cache: ScanCache, workers: int, progress: bool) -> dict:
-    """Decode the `todo` items in threads; the cache is saved every `SAVE_EVERY_S` seconds and when the scan stops
-    for any reason, so a scan of a large corpus that is killed or fails resumes where it was."""
-    decoded, saved_at = {}, time.monotonic()
+def _decode_all(source, todo: np.ndarray, keys: np.ndarray, keyed: np.ndarray, cache: ScanCache, workers: int,
+                progress: bool) -> dict:  # fmt: skip
+    """Decode the `todo` items in threads into the cache (the facts of items without a file key are returned);
+    the cache is saved every `SAVE_EVERY_S` seconds and when the scan stops for any reason, so a scan of a large
+    corpus that is killed or fails resumes where it was."""
+    unkeyed, saved_at, decoded = {}, time.monotonic(), 0
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(lambda i: (i, _decode_facts(source, i)), todo)
+        results = pool.map(lambda i: (i, _decode_facts(source, i)), todo.tolist())
         try:
-            for i, facts in tqdm(results, total=len(todo), desc="checking images", disable=not progress or not todo):
-                decoded[i] = facts
-                if keys[i] is not None:
-                    cache.entries[keys[i]] = facts
+            for i, facts in tqdm(
+                results, total=len(todo), desc="checking images", disable=not progress or not len(todo)
+            ):
+                decoded += 1
+                if keyed[i]:
+                    cache.add(bytes(keys[i]).ljust(16, b"\0"), facts)  # numpy drops trailing NULs: put them back
+                else:
+                    unkeyed[i] = facts
                 if time.monotonic() - saved_at > SAVE_EVERY_S:
                     cache.save()
                     saved_at = time.monotonic()
@@ -215,20 +260,69 @@ def _decode_all(source, todo: list[int], keys: list, cache: ScanCache, workers: 
         finally:
             if decoded:
                 cache.save()
-    return decoded
+    return unkeyed
 
 
-def _check_item(source, index: int, facts: dict, cfg, tokenizer, report: DataReport) -> ItemInfo:
-    if "reason" in facts:
-        raise BadItem(facts["reason"])
-    captions = check_captions(source.caption(index))
-    width, height = facts["width"], facts["height"]
-    check_size(width, height, cfg.min_image_size, cfg.max_aspect_ratio)
-    for fix in facts["fixes"]:
-        report.add(report.fixes, fix, source.origin(index))
+def _facts_columns(rows: np.ndarray, unkeyed: dict, table: pa.Table) -> dict:
+    """Each item's width, height and the codes of its reason and fixes (into the `reasons` and `fix_sets` lists),
+    as numpy columns gathered from the cache table: no Python object per item."""
+    taken = table.select(["width", "height", "fixes", "reason"]).take(np.maximum(rows, 0)) if len(table) else None
+    n = len(rows)
+    columns = {"width": np.zeros(n, np.int32), "height": np.zeros(n, np.int32),
+               "reason": np.zeros(n, np.int64), "fixes": np.zeros(n, np.int64), "reasons": [""], "fix_sets": [""]}  # fmt: skip
+    if taken is not None:
+        for name in ("width", "height"):
+            columns[name] = np.array(taken.column(name), dtype=np.int32)  # writable: no-file items are set below
+        for name, table_name in (("reason", "reasons"), ("fixes", "fix_sets")):
+            encoded = pc.dictionary_encode(taken.column(name)).combine_chunks()
+            columns[table_name] = encoded.dictionary.to_pylist()
+            columns[name] = np.array(encoded.indices, dtype=np.int32)
+    for i, facts in unkeyed.items():  # items without a file (dataset rows): decoded this run, not cached
+        for name, value in (("reason", facts.get("reason", "")), ("fixes", ",".join(facts.get("fixes", [])))):
+            table_name = "reasons" if name == "reason" else "fix_sets"
+            if value not in columns[table_name]:
+                columns[table_name].append(value)
+            columns[name][i] = columns[table_name].index(value)
+        if "reason" not in facts:
+            columns["width"][i], columns["height"][i] = facts["width"], facts["height"]
+    return columns
+
+
+def _checked_items(source, rows, unkeyed: dict, table: pa.Table, cfg, tokenizer, report: DataReport) -> ItemTable:
+    """The usable items, and every skip and repair counted in `report`: decode reasons first, then captions, then
+    size; repairs and truncated captions of the kept items."""
+    c = _facts_columns(rows, unkeyed, table)
+    report.total += len(rows)
+    reason = np.array(c["reasons"], dtype=object)[c["reason"]] if len(rows) else np.zeros(0, object)
+    keep = c["reason"] == c["reasons"].index("") if "" in c["reasons"] else np.zeros(len(rows), bool)
+    if not getattr(source, "captions_checked", False):
+        for i in np.flatnonzero(keep):
+            try:
+                check_captions(source.caption(int(i)))
+            except BadItem as error:
+                keep[i], reason[i] = False, error.reason
+    short, long = np.minimum(c["width"], c["height"]), np.maximum(c["width"], c["height"])
+    too_small = keep & (short < cfg.min_image_size)
+    reason[too_small], keep[too_small] = "too_small", False
+    elongated = keep & (long > cfg.max_aspect_ratio * np.maximum(short, 1))
+    reason[elongated], keep[elongated] = "extreme_aspect_ratio", False
+    for i in np.flatnonzero(~keep):
+        report.add(report.bad, reason[i], source.origin(int(i)))
+    for code in np.unique(c["fixes"][keep]):
+        for i in np.flatnonzero(keep & (c["fixes"] == code)):
+            for fix in filter(None, c["fix_sets"][code].split(",")):
+                report.add(report.fixes, fix, source.origin(int(i)))
+    kept = np.flatnonzero(keep)
+    report.kept += len(kept)
     if tokenizer is not None:
-        lengths = [len(ids) for ids in tokenizer(captions, verbose=False).input_ids]
-        if max(lengths) > tokenizer.model_max_length:
-            # Kept: the text encoder sees the first model_max_length tokens, as at inference.
-            report.add(report.fixes, "caption_truncated", source.origin(index))
-    return ItemInfo(index, width, height, facts["sha256"], captions)
+        for i in kept:
+            captions = check_captions(source.caption(int(i)))
+            if max(len(ids) for ids in tokenizer(captions, verbose=False).input_ids) > tokenizer.model_max_length:
+                # Kept: the text encoder sees the first model_max_length tokens, as at inference.
+                report.add(report.fixes, "caption_truncated", source.origin(int(i)))
+    sha256 = _fixed(table.column("sha256").take(np.maximum(rows[kept], 0)), 32) if len(table) else None
+    sha256 = np.zeros(len(kept), "S32") if sha256 is None else sha256.copy()
+    for position, i in enumerate(kept):  # items without a file: their facts were not cached
+        if int(i) in unkeyed:
+            sha256[position] = bytes.fromhex(unkeyed[int(i)]["sha256"])
+    return ItemTable(source, kept, c["width"][kept], c["height"][kept], sha256)
