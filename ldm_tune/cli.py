@@ -4,30 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 
 import torch
-import yaml
 
 from ldm_tune.evaluation import add_evaluate_parser, run_evaluate
+from ldm_tune.generate_cli import DTYPES, _lora_arg, add_generate_parser, run_generate
 
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# A LoRA path may itself contain ':' (or be a Windows path): only a final ':<decimal number>' is a scale.
-_LORA_SCALE = re.compile(r"^(?P<path>.+):(?P<scale>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")
-
-
-def _key_value(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)  # YAML typing: true -> bool, 0.5 -> float, karras -> str
-
-
-def _lora_arg(text: str) -> tuple[str, float]:
-    match = _LORA_SCALE.match(text)
-    return (match["path"], float(match["scale"])) if match else (text, 1.0)
+__all__ = ["DTYPES", "_lora_arg", "build_parser", "main"]  # _lora_arg: evaluate's --lora parses as generate's
 
 
 def _add_init_model(sub) -> None:
@@ -41,51 +26,6 @@ def _add_init_model(sub) -> None:
     parser.add_argument("--out", required=True, help="New (or empty) folder to write the model into.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the saved weights.")
-
-
-def _add_generate(sub) -> None:
-    parser = sub.add_parser("generate", help="Generate images from a model folder or hub id.")
-    parser.add_argument("--model", required=True, help="Stable-Diffusion-format folder or hub id.")
-    parser.add_argument(
-        "--checkpoint", help="Training checkpoint or output folder whose unet/ replaces the base UNet."
-    )
-    parser.add_argument(
-        "--lora",
-        action="append",
-        type=_lora_arg,
-        default=[],
-        metavar="PATH[:SCALE]",
-        help="LoRA .safetensors file (diffusers or kohya format) or training output folder, with an optional "
-        "scale (default 1; 0 turns it off); repeat the flag for several.",
-    )
-    parser.add_argument("--prompt", required=True, action="append", help="Prompt; repeat the flag for several.")
-    parser.add_argument(
-        "--negative-prompt", action="append", help="Negative prompt: once for all prompts, or once per --prompt."
-    )
-    parser.add_argument("--scheduler", default="dpm++", help="Sampler name (see `ldm-tune schedulers`).")
-    parser.add_argument(
-        "--scheduler-arg",
-        action="append",
-        type=_key_value,
-        default=[],
-        metavar="KEY=VALUE",
-        help="Scheduler constructor override, e.g. use_karras_sigmas=true (repeatable).",
-    )
-    parser.add_argument("--steps", type=int, default=30, help="Number of sampling steps.")
-    parser.add_argument("--guidance", type=float, default=7.5, help="Classifier-free guidance scale (<= 1: off).")
-    parser.add_argument(
-        "--guidance-rescale", type=float, default=0.0, help="CFG rescale in [0, 1] (arXiv 2305.08891)."
-    )
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic).")
-    parser.add_argument("--seed", type=int, help="Random seed (drawn and recorded when omitted).")
-    parser.add_argument("--num-images", type=int, default=1, help="Images per prompt.")
-    parser.add_argument("--height", type=int, help="Image height (default: the model's native size).")
-    parser.add_argument("--width", type=int, help="Image width (default: the model's native size).")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="Model dtype (default: fp16 on CUDA, fp32 elsewhere).")
-    parser.add_argument("--revision", help="Hub revision of --model.")
-    parser.add_argument("--variant", help="Weights variant of --model, e.g. fp16.")
-    parser.add_argument("--out", required=True, help="Folder for the PNGs, the grid and the parameters JSON.")
 
 
 def _config_arguments(parser, config_help: str) -> None:
@@ -137,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_train_vae(sub)
-    _add_generate(sub)
+    add_generate_parser(sub)
     _add_init_model(sub)
     _add_make_dataset(sub)
     _add_inspect_data(sub)
@@ -158,42 +98,6 @@ def _run_schedulers(args) -> None:
     from ldm_tune.schedulers import describe_schedulers
 
     print("\n".join(describe_schedulers()))
-
-
-def _run_generate(args) -> None:
-    from ldm_tune.inference import LDMInference
-
-    negative = args.negative_prompt or [""]
-    if len(negative) == 1:
-        negative = negative[0]
-    pipe = LDMInference.from_pretrained(
-        args.model,
-        checkpoint=args.checkpoint,
-        scheduler=args.scheduler,
-        device=args.device,
-        torch_dtype=DTYPES.get(args.dtype),
-        revision=args.revision,
-        variant=args.variant,
-        lora=args.lora,
-    )
-    if args.scheduler_arg:
-        pipe.set_scheduler(args.scheduler, **dict(args.scheduler_arg))
-    pipe.generate(
-        args.prompt,
-        negative_prompt=negative,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        guidance_rescale=args.guidance_rescale,
-        eta=args.eta,
-        num_images_per_prompt=args.num_images,
-        seed=args.seed,
-        output_path=args.out,
-        save_grid=True,
-    )
-    files = pipe.last_output_files
-    print(f"Wrote {len(files['images'])} images, grid {files['grid']} and parameters {files['params']}")
 
 
 def _run_train(args) -> None:
@@ -277,7 +181,7 @@ def _run_make_dataset(args) -> None:
 COMMANDS = {
     "train": _run_train,
     "train-vae": _run_train,
-    "generate": _run_generate,
+    "generate": run_generate,
     "init-model": _run_init_model,
     "make-dataset": _run_make_dataset,
     "inspect-data": _run_inspect_data,

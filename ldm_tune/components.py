@@ -36,7 +36,10 @@ SD_FOLDER_HELP = (
     "(each a config.json plus .safetensors weights), tokenizer/ (tokenizer.json or vocab.json + merges.txt) and "
     "scheduler/ (scheduler_config.json). `ldm-tune init-model` writes one."
 )
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# One part of a hub repository id, as huggingface_hub's `validate_repo_id` allows it: letters, digits, '-', '_' and
+# '.', not starting or ending with '-' or '.', at most 96 characters ("--" and ".." are refused separately).
+_HUB_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+_HUB_ID = re.compile(rf"{_HUB_PART}/{_HUB_PART}", re.ASCII)
 
 
 @dataclass
@@ -66,9 +69,50 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def looks_like_local_path(name: str) -> bool:
+    """True when `name` can only be a local path, never a hub id.
+
+    That is: it starts with '.', '/' or '~', holds a backslash (or the OS's own separator), has no '/' or more than
+    one, is not shaped like a hub id (see `is_hub_id`), or its first part exists here (`models/tyni` with a local
+    `models/` folder is a mistyped path, not the hub repository `tyni` of a user `models`).
+    """
+    text = str(name)
+    return (
+        text.startswith((".", "/", "~"))
+        or "\\" in text
+        or (os.sep != "/" and os.sep in text)
+        or text.count("/") != 1
+        or not _HUB_ID.fullmatch(text)
+        or "--" in text
+        or ".." in text
+        or text.endswith(".git")
+        or Path(text.split("/")[0]).exists()
+    )
+
+
 def is_hub_id(name: str) -> bool:
-    """True when `name` is shaped like `owner/repo` and is not an existing local path."""
-    return bool(_HUB_ID.match(name)) and not Path(name).exists()
+    """True when `name` is taken for a Hugging Face hub id: no file or folder of that name exists here, and it has
+    exactly one '/' between two parts of the hub's allowed characters, with no leading '.', '/' or '~' and no local
+    folder of its first part (see `looks_like_local_path`). Everything else is a local path."""
+    return not Path(str(name)).exists() and not looks_like_local_path(name)
+
+
+def check_model_source(name: str | os.PathLike, what: str = "model") -> str:
+    """Say whether `name` is a `"local"` path or a `"hub"` id, before anything loads.
+
+    Raises:
+        FileNotFoundError: for a local path that does not exist, e.g. f"`model` {name!r} does not exist.";
+            a mistyped local path is never looked up on the hub.
+    """
+    text = str(name)
+    if Path(text).exists():
+        return "local"
+    if is_hub_id(text):
+        return "hub"
+    raise FileNotFoundError(
+        f"`{what}` {text!r} does not exist. A local path must exist; a hub id is `owner/name` with exactly one '/' "
+        "(no leading '.', '/' or '~', and no local folder named like its owner)."
+    )
 
 
 def _has(folder: Path, patterns: tuple[str, ...]) -> bool:

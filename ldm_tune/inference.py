@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import os
-import secrets
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from ldm_tune.components import (
+    check_model_source,
     default_dtype,
     freeze,
     latents_to_vae_space,
@@ -31,48 +30,24 @@ from ldm_tune.components import (
     resolve_device,
     vae_scale_factor,
 )
+from ldm_tune.generation_params import (
+    OUTPUT_TYPES,
+    GenerationParams,
+    check_generation_inputs,
+    image_generators,
+    image_seeds,
+    resolve_seed,
+    warn_if_late_start,
+)
 from ldm_tune.inference_lora import LoadedLora, LoraMixin
 from ldm_tune.outputs import save_generation
+from ldm_tune.png_info import unet_weight_files, weights_hash
 from ldm_tune.schedulers import canonical_name, make_scheduler
 
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
-
-@dataclass
-class GenerationParams:
-    """The arguments of one `generate` call that decide its images (written to the parameters JSON)."""
-
-    prompt: list[str]
-    negative_prompt: list[str]
-    height: int
-    width: int
-    num_inference_steps: int
-    guidance_scale: float
-    guidance_rescale: float
-    eta: float
-    num_images_per_prompt: int
-    seed: int | None
-
-
-def _check_prompts(prompt, negative_prompt) -> tuple[list[str], list[str]]:
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"`prompt` must be a string or a list of strings, got {prompt!r}.")
-    if len(prompts) == 0:
-        raise ValueError("`prompt` must not be an empty list.")
-    if negative_prompt is None or isinstance(negative_prompt, str):
-        return list(prompts), [negative_prompt or ""] * len(prompts)
-    if not isinstance(negative_prompt, (list, tuple)) or not all(isinstance(n, str) for n in negative_prompt):
-        raise ValueError(f"`negative_prompt` must be a string or a list of strings, got {negative_prompt!r}.")
-    if len(negative_prompt) != len(prompts):
-        raise ValueError(
-            f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {len(prompts)}; pass one "
-            "negative prompt per prompt, or a single string for all."
-        )
-    return list(prompts), list(negative_prompt)
+__all__ = ["OUTPUT_TYPES", "GenerationParams", "LDMInference"]
 
 
 class LDMInference(LoraMixin):
@@ -83,6 +58,8 @@ class LDMInference(LoraMixin):
         scheduler_config: the model's own scheduler config, from which every named scheduler is built.
         scheduler: a registry name (see `ldm-tune schedulers`).
         model_name, checkpoint: recorded in the parameters JSON so every image can be reproduced.
+        unet_files: the safetensors file(s) the UNet was read from, hashed for the "Model hash" of the PNG text
+            (`from_pretrained` finds them; None for a UNet that is not a file, e.g. during training).
 
     LoRAs are added with `load_lora(path, scale)` and weighted with `set_lora_scale`; they are recorded (file,
     sha256, scale) in the parameters JSON too.
@@ -98,10 +75,13 @@ class LDMInference(LoraMixin):
         scheduler: str = "dpm++",
         model_name: str | None = None,
         checkpoint: str | None = None,
+        unet_files: list[Path] | None = None,
     ):
         self.vae, self.text_encoder, self.tokenizer, self.unet = vae, text_encoder, tokenizer, unet
         self.base_scheduler_config = dict(scheduler_config)
         self.model_name, self.checkpoint = model_name, checkpoint
+        self.revision = self.variant = None
+        self.unet_files, self._model_hash = unet_files, None
         self.loras: list[LoadedLora] = []
         self._lora_pipeline = None
         self.vae_scale_factor = vae_scale_factor(vae)
@@ -125,6 +105,7 @@ class LDMInference(LoraMixin):
         `device="auto"` picks CUDA, then MPS, then the CPU; the dtype defaults to fp16 on CUDA and fp32 elsewhere.
         `lora` lists LoRAs as paths or `(path, scale)` pairs (see `load_lora`).
         """
+        check_model_source(model)  # a mistyped local path gets "does not exist", never a hub lookup
         device = resolve_device(device)
         dtype = torch_dtype or default_dtype(device)
         components = load_components(
@@ -140,7 +121,9 @@ class LDMInference(LoraMixin):
             scheduler,
             model_name=str(model),
             checkpoint=None if checkpoint is None else str(checkpoint),
+            unet_files=unet_weight_files(model, checkpoint, variant, revision),
         ).to(device)
+        pipe.revision, pipe.variant = revision, variant
         for item in [lora] if isinstance(lora, (str, os.PathLike)) else lora or []:
             path, scale = item if isinstance(item, (tuple, list)) else (item, 1.0)
             pipe.load_lora(path, scale)
@@ -169,47 +152,7 @@ class LDMInference(LoraMixin):
     # 1. Check inputs. Raise error if not correct.
     def check_inputs(self, params: GenerationParams, generator, callback, output_type) -> GenerationParams:
         """Validate every argument; return `params` with prompts and negative prompts as lists of equal length."""
-        prompts, negatives = _check_prompts(params.prompt, params.negative_prompt)
-        for arg in ("height", "width"):
-            value = getattr(params, arg)
-            if not isinstance(value, int) or value <= 0 or value % self.vae_scale_factor:
-                raise ValueError(
-                    f"`{arg}` must be a positive multiple of {self.vae_scale_factor} (the VAE scale factor), "
-                    f"got {value!r}."
-                )
-        steps, max_steps = params.num_inference_steps, self.scheduler.config.num_train_timesteps
-        config = self.scheduler.config
-        if config.get("timestep_spacing", "leading") == "leading" and config.get("steps_offset", 0):
-            # "leading" spacing adds steps_offset to every timestep: at the full step count the last one is out of
-            # range (diffusers would fail with an IndexError deep inside the scheduler).
-            max_steps -= config.steps_offset
-        if not isinstance(steps, int) or not 1 <= steps <= max_steps:
-            raise ValueError(
-                f"`num_inference_steps` must be an integer in [1, {max_steps}], got {steps!r} (with steps_offset, "
-                "use timestep_spacing='trailing' to sample every training timestep)."
-            )
-        guidance = params.guidance_scale
-        if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
-            raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {guidance!r}.")
-        if not isinstance(params.guidance_rescale, (int, float)) or not 0.0 <= params.guidance_rescale <= 1.0:
-            raise ValueError(f"`guidance_rescale` must be in [0, 1], got {params.guidance_rescale!r}.")
-        if not isinstance(params.eta, (int, float)) or params.eta < 0:
-            raise ValueError(f"`eta` must be a number >= 0, got {params.eta!r}.")
-        per_prompt = params.num_images_per_prompt
-        if not isinstance(per_prompt, int) or per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {per_prompt!r}.")
-        if params.seed is not None and generator is not None:
-            raise ValueError("Pass either `seed` or `generator`, not both.")
-        if isinstance(generator, list) and len(generator) != len(prompts) * per_prompt:
-            raise ValueError(f"`generator` as a list needs one generator per image ({len(prompts) * per_prompt}), "
-                             f"got {len(generator)}.")  # fmt: skip
-        if params.seed is not None and (not isinstance(params.seed, int) or not 0 <= params.seed < 2**64):
-            raise ValueError(f"`seed` must be an integer in [0, 2**64), got {params.seed!r}.")
-        if callback is not None and not callable(callback):
-            raise ValueError(f"`callback` must be callable as callback(step, timestep, latents), got {callback!r}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}.")
-        return replace(params, prompt=prompts, negative_prompt=negatives)
+        return check_generation_inputs(params, self.scheduler, self.vae_scale_factor, generator, callback, output_type)
 
     # 2. Encode input prompt.
     def _tokenize(self, texts: list[str]) -> torch.Tensor:
@@ -240,9 +183,14 @@ class LDMInference(LoraMixin):
 
     # 3. Prepare latent variables.
     def prepare_latents(
-        self, batch_size: int, height: int, width: int, dtype: torch.dtype, generator: torch.Generator
+        self,
+        batch_size: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        generator: torch.Generator | list[torch.Generator],
     ) -> torch.Tensor:
-        """Initial Gaussian latents, scaled by the scheduler's initial sigma."""
+        """Initial Gaussian latents, scaled by the scheduler's initial sigma (one generator per image for a list)."""
         shape = (
             batch_size,
             self.unet.config.in_channels,
@@ -252,8 +200,10 @@ class LDMInference(LoraMixin):
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
         return latents * self.scheduler.init_noise_sigma
 
-    def _extra_step_kwargs(self, generator: torch.Generator, eta: float) -> dict:
-        # Schedulers differ in what `step` accepts: only DDIM uses eta, only stochastic samplers a generator.
+    def _extra_step_kwargs(self, generator: torch.Generator | list[torch.Generator], eta: float) -> dict:
+        # Schedulers differ in what `step` accepts: only DDIM uses eta, only stochastic samplers a generator. Every
+        # stochastic sampler of the registry draws its step noise with diffusers' `randn_tensor`, which takes a list
+        # and draws image i's noise from generator i (tests/test_generation_daily.py checks each sampler).
         accepted = set(inspect.signature(self.scheduler.step).parameters)
         kwargs = {"eta": eta} if "eta" in accepted else {}
         if "generator" in accepted:
@@ -269,7 +219,7 @@ class LDMInference(LoraMixin):
         guidance_scale: float,
         guidance_rescale: float,
         eta: float,
-        generator: torch.Generator,
+        generator: torch.Generator | list[torch.Generator],
         callback: Callable | None = None,
         progress: bool = True,
     ) -> torch.Tensor:
@@ -323,6 +273,7 @@ class LDMInference(LoraMixin):
         output_type: str = "pil",
         progress: bool = True,
         save_grid: bool = False,
+        save_images: list[int] | None = None,
     ):
         """Generate images for one prompt or a list of prompts.
 
@@ -333,13 +284,16 @@ class LDMInference(LoraMixin):
             num_inference_steps: sampler steps. guidance_scale: CFG weight, guidance is off at <= 1.
             guidance_rescale: 0-1, rescales CFG output (arXiv 2305.08891). eta: DDIM noise (0 = deterministic).
             num_images_per_prompt: images per prompt, consecutive in the output.
-            seed: seeds a `torch.Generator` on the model's device (a random seed is drawn and recorded if None).
+            seed: image i (over all prompts x images per prompt, in output order) gets `seed + i` on its own CPU
+                `torch.Generator` (A1111's rule): an image depends on its seed only, not on the device or the
+                batch. `None` or -1 draws a seed; the seed of every image is recorded in the JSON and PNGs.
             generator: a generator to use instead of `seed`, or a list of one per image (as in diffusers).
             output_path: folder to write PNGs and a JSON of every parameter into (never overwrites files).
             callback: called as `callback(step, timestep, latents)` after every sampler step; the sampler's
                 estimate of the clean latents is then in `self.pred_original_sample` (when it has one).
             output_type: `pil` (default), `np`, `pt` or `latent`.
             progress: show a progress bar. save_grid: also write a grid PNG (rows = prompts) into `output_path`.
+            save_images: write only the images of these indices into `output_path` (default: all).
 
         Returns:
             A list of PIL images (or an array/tensor for `np`/`pt`/`latent`), `num_images_per_prompt` per prompt.
@@ -358,13 +312,18 @@ class LDMInference(LoraMixin):
             seed,
         )
         params = self.check_inputs(params, generator, callback, output_type)
+        batch_size = len(params.prompt) * num_images_per_prompt
+        if save_images is not None and not all(isinstance(i, int) and 0 <= i < batch_size for i in save_images):
+            raise ValueError(f"`save_images` must list image indices in [0, {batch_size}), got {save_images!r}.")
+        seeds = None
         if generator is None:
-            params.seed = secrets.randbits(63) if params.seed is None else params.seed
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+            params.seed = resolve_seed(params.seed)
+            seeds = image_seeds(params.seed, batch_size)
+            generator = image_generators(seeds)
         do_cfg = guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None
         embeds = self.encode_prompt(params.prompt, params.negative_prompt, num_images_per_prompt, do_cfg)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        batch_size = len(params.prompt) * num_images_per_prompt
+        warn_if_late_start(self.scheduler, self.scheduler_name, num_inference_steps)
         latents = self.prepare_latents(batch_size, params.height, params.width, embeds.dtype, generator)
         latents = self.denoise(
             latents, embeds, num_inference_steps, guidance_scale, guidance_rescale, eta, generator, callback, progress
@@ -372,15 +331,28 @@ class LDMInference(LoraMixin):
         images = self.decode(latents, output_type)
         if output_path is not None:
             pil_images = images if output_type == "pil" else self.decode(latents, "pil")
-            self.last_output_files = save_generation(pil_images, self._record(params), output_path, grid=save_grid)
+            record = self._record(params)
+            self.last_output_files = save_generation(
+                pil_images, record, output_path, grid=save_grid, seeds=seeds, keep=save_images
+            )
         return images
 
     __call__ = generate
+
+    @property
+    def model_hash(self) -> str | None:
+        """A1111's AutoV2-style hash of the UNet weights file(s) (see `ldm_tune.png_info`), computed once."""
+        if self._model_hash is None and self.unet_files:
+            self._model_hash = weights_hash(self.unet_files)
+        return self._model_hash
 
     def _record(self, params: GenerationParams) -> dict:
         """Everything needed to reproduce an image: model, checkpoint, sampler and every argument."""
         return {
             "model": self.model_name,
+            "model_hash": self.model_hash,
+            "revision": self.revision,
+            "variant": self.variant,
             "checkpoint": self.checkpoint,
             "loras": [asdict(lora) for lora in self.loras],
             **asdict(params),

@@ -50,6 +50,12 @@ def test_generate_writes_pngs_grid_and_parameters(tiny_model_dir, tmp_path, caps
     assert params["scheduler"] == "dpm++" and params["scheduler_overrides"] == {"use_karras_sigmas": True}
     assert params["negative_prompt"] == ["blurry", "blurry"] and params["seed"] == 4
     assert params["scheduler_config"]["use_karras_sigmas"] is True
+    # Image i has seed 4 + i, in the JSON and in the A1111 text inside each PNG.
+    assert [image["seed"] for image in params["images"]] == [4, 5, 6, 7]
+    assert (
+        "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 5, Size: 64x64"
+        in (Image.open(out / "00000-01.png").text["parameters"])
+    )
 
 
 def test_generate_reports_bad_input_without_traceback(tiny_model_dir, tmp_path, capsys):
@@ -69,7 +75,10 @@ def test_generate_reports_bad_input_without_traceback(tiny_model_dir, tmp_path, 
         ]
     )
     assert code == 2
-    assert "`height` must be a positive multiple of 4 (the VAE scale factor), got 30." in capsys.readouterr().err
+    assert (
+        "`height` (--height) must be a positive multiple of 4 (the VAE scale factor), got 30."
+        in capsys.readouterr().err
+    )
     code = main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x", "--out", str(tmp_path)])
     assert code == 2 and "does not exist" in capsys.readouterr().err
 

@@ -19,8 +19,11 @@ def pipe(tiny_pipe):
 
 
 def reference(sd_pipeline, pipe, name, seed, **kwargs):
+    # Our `seed=s` gives image i its own CPU generator seeded s + i (A1111's rule): diffusers takes such a list too.
     sd_pipeline.scheduler = make_scheduler(name, pipe.base_scheduler_config)
-    generator = torch.Generator("cpu").manual_seed(seed)
+    prompts = [kwargs["prompt"]] if isinstance(kwargs["prompt"], str) else kwargs["prompt"]
+    count = len(prompts) * kwargs.get("num_images_per_prompt", 1)
+    generator = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
     return sd_pipeline(generator=generator, output_type="np", **kwargs).images
 
 
@@ -165,6 +168,7 @@ def test_output_path_writes_pngs_and_reproducible_parameters(pipe, tmp_path):
         "batch_index": 2,
         "prompt": PROMPTS[1],
         "negative_prompt": NEGATIVES[1],
+        "seed": 9,  # image i gets seed + i
     }
     # A second call never overwrites: it takes the next run number, and its JSON reproduces the first images.
     pipe.set_scheduler("dpm++")

@@ -1,0 +1,297 @@
+"""`ldm-tune generate`: every argument is checked before any model loads, and `--from-png` makes an image again.
+
+The checks read only the model's scheduler and VAE configs (two small JSON files) and build the sampler from them,
+so a bad sampler name, a size that is not a multiple of the VAE factor, a step count out of range, a missing
+model, checkpoint or LoRA file, or an unavailable device fails in a second, not after minutes of loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from pathlib import Path
+
+import torch
+import yaml
+
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULTS = {"scheduler": "dpm++", "steps": 30, "guidance": 7.5, "guidance_rescale": 0.0, "eta": 0.0, "num_images": 1}
+# Library argument -> CLI flag, so that an error names the flag to fix as well.
+_FLAGS = {
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "guidance_rescale": "--guidance-rescale",
+    "num_images_per_prompt": "--num-images",
+    "scheduler": "--scheduler",
+    "height": "--height",
+    "width": "--width",
+    "seed": "--seed",
+    "eta": "--eta",
+    "scheduler_arg": "--scheduler-arg",
+}
+# A LoRA path may itself contain ':' (or be a Windows path): only a final ':<decimal number>' is a scale.
+_LORA_SCALE = re.compile(r"^(?P<path>.+):(?P<scale>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)  # YAML typing: true -> bool, 0.5 -> float, karras -> str
+
+
+def _lora_arg(text: str) -> tuple[str, float]:
+    match = _LORA_SCALE.match(text)
+    return (match["path"], float(match["scale"])) if match else (text, 1.0)
+
+
+def add_generate_parser(sub) -> None:
+    """The `generate` subcommand. Setting flags default to None so that `--from-png` knows which were given."""
+    parser = sub.add_parser("generate", help="Generate images from a model folder or hub id.")
+    add = parser.add_argument
+    add("--model", help="Stable-Diffusion-format folder, or hub id `owner/name` (default with --from-png: its own).")
+    add("--from-png", metavar="FILE", help="Make this PNG (written by `ldm-tune generate`) again from the settings "
+        "in it; any other flag given replaces the recorded value.")  # fmt: skip
+    add("--checkpoint", help="Training checkpoint or output folder whose unet/ replaces the base UNet.")
+    add("--lora", action="append", type=_lora_arg, metavar="PATH[:SCALE]",
+        help="LoRA .safetensors file (diffusers or kohya format) or training output folder, with an optional scale "
+        "(default 1; 0 turns it off); repeat the flag for several.")  # fmt: skip
+    add("--prompt", action="append", help="Prompt; repeat the flag for several.")
+    add("--negative-prompt", action="append", help="Negative prompt: once for all prompts, or once per --prompt.")
+    add("--scheduler", help="Sampler name (see `ldm-tune schedulers`; default dpm++).")
+    add("--scheduler-arg", action="append", type=_key_value, metavar="KEY=VALUE",
+        help="Scheduler constructor override, e.g. use_karras_sigmas=true or timestep_spacing=trailing.")  # fmt: skip
+    add("--steps", type=int, help="Number of sampling steps (default 30).")
+    add("--guidance", type=float, help="Classifier-free guidance scale (default 7.5; <= 1: off).")
+    add("--guidance-rescale", type=float, help="CFG rescale in [0, 1] (default 0; arXiv 2305.08891).")
+    add("--eta", type=float, help="DDIM eta (default 0: deterministic).")
+    add("--seed", type=int, help="Seed of the first image; image i gets seed + i (omitted or -1: drawn, recorded).")
+    add("--num-images", type=int, help="Images per prompt (default 1).")
+    add("--height", type=int, help="Image height (default: the model's native size).")
+    add("--width", type=int, help="Image width (default: the model's native size).")
+    add("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, ...")
+    add("--dtype", choices=list(DTYPES), help="Model dtype (default: fp16 on CUDA, fp32 elsewhere).")
+    add("--revision", help="Hub revision of --model.")
+    add("--variant", help="Weights variant of --model, e.g. fp16.")
+    add("--out", required=True, help="Folder for the PNGs, the grid and the parameters JSON.")
+
+
+def _recorded_settings(path: str, replay: bool) -> dict:
+    """The settings of one image from its PNG (see `ldm_tune.png_info`).
+
+    With `replay`, the whole call the image was made in (all its prompts and images, from the same first seed),
+    of which only this image is written: batched matrix products round differently at other batch sizes (about
+    3e-6 here, sometimes one level of 255), so only the same batch gives the very same pixels. Without it, the
+    image alone from its own seed.
+    """
+    from ldm_tune.png_info import file_sha256, read_generation
+
+    document, image = read_generation(path)
+    if image.get("seed") is None:
+        raise ValueError(f"`from_png` {path!r} was made with an explicit `generator`, not a seed: its noise is not "
+                         "recorded, so it cannot be made again.")  # fmt: skip
+    loras = document.get("loras") or []
+    for lora in loras:
+        if Path(lora["path"]).is_file() and file_sha256(lora["path"]) != lora.get("sha256"):
+            logger.warning("LoRA %s has changed since %s was made (sha256 differs).", lora["path"], path)
+    return {
+        "model": document.get("model"),
+        "checkpoint": document.get("checkpoint"),
+        "revision": document.get("revision"),
+        "variant": document.get("variant"),
+        "lora": [(lora["path"], lora["scale"]) for lora in loras],
+        "scheduler": document["scheduler"],
+        "scheduler_arg": dict(document.get("scheduler_overrides") or {}),
+        "prompt": [image["prompt"]],
+        "negative_prompt": image.get("negative_prompt", ""),
+        "height": document["height"],
+        "width": document["width"],
+        "steps": document["num_inference_steps"],
+        "guidance": document["guidance_scale"],
+        "guidance_rescale": document["guidance_rescale"],
+        "eta": document["eta"],
+        "seed": image["seed"],
+        "num_images": 1,
+        "recorded_dtype": document.get("dtype"),
+        "recorded_device": document.get("device"),
+        **(_recorded_call(document, image) if replay else {}),
+    }
+
+
+def _recorded_call(document: dict, image: dict) -> dict:
+    return {
+        "prompt": document["prompt"],
+        "negative_prompt": document["negative_prompt"],
+        "num_images": document["num_images_per_prompt"],
+        "seed": document["seed"],
+        "save_images": [image["batch_index"]],
+    }
+
+
+def generate_settings(args) -> dict:
+    """Defaults, then the settings recorded in `--from-png`, then every flag given."""
+    settings = {**DEFAULTS, "lora": [], "scheduler_arg": {}, "negative_prompt": "", "prompt": None, "model": None}
+    settings.update(dict.fromkeys(("checkpoint", "revision", "variant", "height", "width", "seed", "save_images")))
+    if args.from_png is not None:
+        # Only an image made again with its whole batch is exact; a new prompt, seed or count makes a new batch.
+        alone = any(getattr(args, key) is not None for key in ("prompt", "negative_prompt", "seed", "num_images"))
+        settings.update(_recorded_settings(args.from_png, replay=not alone))
+        if args.scheduler is not None:  # the recorded overrides belong to the recorded sampler
+            settings["scheduler_arg"] = {}
+    given = {key: getattr(args, key) for key in ("model", "checkpoint", "revision", "variant", "lora", "scheduler",
+             "prompt", "height", "width", "steps", "guidance", "guidance_rescale", "eta", "seed", "num_images")}  # fmt: skip
+    settings.update({key: value for key, value in given.items() if value is not None})
+    settings["scheduler_arg"] = {**settings["scheduler_arg"], **dict(args.scheduler_arg or [])}
+    if args.negative_prompt is not None:
+        negative = args.negative_prompt
+        settings["negative_prompt"] = negative[0] if len(negative) == 1 else negative
+    settings.update(device=args.device, dtype=args.dtype, out=args.out)
+    return settings
+
+
+def _check_device(name: str) -> torch.device:
+    from ldm_tune.components import resolve_device
+
+    try:
+        device = resolve_device(name)
+    except RuntimeError as error:
+        raise ValueError(f"`device` {name!r} is not a device name: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`device` {name!r}: CUDA is not available on this machine (use --device cpu or auto).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"`device` {name!r}: MPS is not available on this machine (use --device cpu or auto).")
+    return device
+
+
+def _read_configs(model: str, kind: str, revision: str | None) -> tuple[dict, dict]:
+    """The model's scheduler and VAE configs: two small JSON files, read (or fetched) before any weights."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from huggingface_hub import constants
+
+    try:
+        scheduler_config = dict(DDPMScheduler.load_config(model, subfolder="scheduler", revision=revision))
+        vae_config = dict(AutoencoderKL.load_config(model, subfolder="vae", revision=revision))
+    except OSError as error:
+        if kind == "local":
+            raise ValueError(f"`model` {model!r}: its configs could not be read: {error}") from error
+        reason = (
+            "HF_HUB_OFFLINE is set and it is not in the local hub cache"
+            if constants.HF_HUB_OFFLINE
+            else f"the hub did not serve it ({str(error).splitlines()[0]})"
+        )
+        raise FileNotFoundError(
+            f"`model` {model!r} is taken for a hub id (`owner/name`, and no local file or folder of that name "
+            f"exists), but {reason}. For a local folder, check the path."
+        ) from error
+    return scheduler_config, vae_config
+
+
+def check_generate_settings(settings: dict) -> None:
+    """Every check that needs no weights: files, device, sampler and every generation argument."""
+    from ldm_tune.components import check_model_folder, check_model_source
+    from ldm_tune.generation_params import GenerationParams, check_generation_inputs
+    from ldm_tune.lora_files import resolve_lora_file
+    from ldm_tune.schedulers import make_scheduler
+
+    if settings.get("model") is None:
+        raise ValueError("`--model` is required (or --from-png FILE of an image that records its model).")
+    if not settings.get("prompt"):
+        raise ValueError("`--prompt` is required (or --from-png FILE).")
+    kind = check_model_source(settings["model"])
+    if kind == "local":
+        check_model_folder(settings["model"])
+    if settings["checkpoint"] is not None and not Path(settings["checkpoint"]).exists():
+        raise FileNotFoundError(f"`checkpoint` {str(settings['checkpoint'])!r} does not exist.")
+    for path, _ in settings["lora"]:
+        resolve_lora_file(path)
+    out = Path(settings["out"])
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"`out` {str(out)!r} is a file, not a folder.")
+    _check_device(settings["device"])
+    scheduler_config, vae_config = _read_configs(str(settings["model"]), kind, settings.get("revision"))
+    scheduler = make_scheduler(settings["scheduler"], scheduler_config, **settings["scheduler_arg"])
+    factor = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
+    params = GenerationParams(
+        settings["prompt"],
+        settings["negative_prompt"],
+        factor if settings.get("height") is None else settings["height"],  # None: the native size, always valid
+        factor if settings.get("width") is None else settings["width"],
+        settings["steps"],
+        settings["guidance"],
+        settings["guidance_rescale"],
+        settings["eta"],
+        settings["num_images"],
+        settings.get("seed"),
+    )
+    check_generation_inputs(params, scheduler, factor)
+    try:
+        scheduler.set_timesteps(settings["steps"])  # refuses bad values of overrides, e.g. timestep_spacing=middle
+    except ValueError as error:
+        raise ValueError(f"`scheduler_arg` {settings['scheduler_arg']} of the {settings['scheduler']} sampler: "
+                         f"{error}") from error  # fmt: skip
+
+
+def _dtype(settings: dict, device: torch.device) -> torch.dtype | None:
+    if settings["dtype"] is not None:
+        return DTYPES[settings["dtype"]]
+    recorded, on = settings.get("recorded_dtype"), settings.get("recorded_device")
+    # Pixels repeat only in the recorded dtype; on another kind of device keep that device's default dtype.
+    if recorded and on and torch.device(on).type == device.type:
+        return getattr(torch, recorded)
+    if recorded and on:
+        logger.warning("The image was made on %s in %s; on %s its pixels will differ slightly.", on, recorded, device)
+    return None
+
+
+def _name_flags(error: ValueError) -> ValueError:
+    message = str(error)
+    for name, flag in _FLAGS.items():
+        if message.startswith(f"`{name}`"):
+            return ValueError(message.replace(f"`{name}`", f"`{name}` ({flag})", 1))
+    return error
+
+
+def run_generate(args) -> None:
+    """Check every setting, then load the model and write the images."""
+    settings = generate_settings(args)
+    try:
+        check_generate_settings(settings)  # before any model loads
+    except ValueError as error:
+        raise _name_flags(error) from error
+    from ldm_tune.inference import LDMInference
+
+    device = _check_device(settings["device"])
+    pipe = LDMInference.from_pretrained(
+        settings["model"],
+        checkpoint=settings["checkpoint"],
+        scheduler=settings["scheduler"],
+        device=device,
+        torch_dtype=_dtype(settings, device),
+        revision=settings["revision"],
+        variant=settings["variant"],
+        lora=settings["lora"],
+    )
+    if settings["scheduler_arg"]:
+        pipe.set_scheduler(settings["scheduler"], **settings["scheduler_arg"])
+    pipe.generate(
+        settings["prompt"],
+        negative_prompt=settings["negative_prompt"],
+        height=settings["height"],
+        width=settings["width"],
+        num_inference_steps=settings["steps"],
+        guidance_scale=settings["guidance"],
+        guidance_rescale=settings["guidance_rescale"],
+        eta=settings["eta"],
+        num_images_per_prompt=settings["num_images"],
+        seed=settings["seed"],
+        output_path=settings["out"],
+        save_grid=True,
+        save_images=settings["save_images"],
+    )
+    files = pipe.last_output_files
+    grid = f", grid {files['grid']}" if files["grid"] else ""
+    print(f"Wrote {len(files['images'])} images{grid} and parameters {files['params']}")
