@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULTS = {"scheduler": "dpm++", "steps": 30, "guidance": 7.5, "guidance_rescale": 0.0, "eta": 0.0, "num_images": 1}
+DEFAULT_STRENGTH = 0.8  # as `LDMInference.generate` and diffusers' img2img pipeline
 # Library argument -> CLI flag, so that an error names the flag to fix as well.
 _FLAGS = {
     "num_inference_steps": "--steps",
@@ -32,6 +33,9 @@ _FLAGS = {
     "seed": "--seed",
     "eta": "--eta",
     "scheduler_arg": "--scheduler-arg",
+    "strength": "--strength",
+    "image": "--init-image",
+    "mask_image": "--mask",
 }
 # A LoRA path may itself contain ':' (or be a Windows path): only a final ':<decimal number>' is a scale.
 _LORA_SCALE = re.compile(r"^(?P<path>.+):(?P<scale>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")
@@ -73,6 +77,10 @@ def add_generate_parser(sub) -> None:
     add("--num-images", type=int, help="Images per prompt (default 1).")
     add("--height", type=int, help="Image height (default: the model's native size).")
     add("--width", type=int, help="Image width (default: the model's native size).")
+    add("--init-image", metavar="PATH", help="Start from this image (img2img; inpainting with --mask); the output "
+        "size defaults to its size.")  # fmt: skip
+    add("--strength", type=float, help="With --init-image: how much of it is repainted, in [0, 1] (default 0.8).")
+    add("--mask", metavar="PATH", help="Inpainting mask for --init-image, of its size: white is repainted.")
     add("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, ...")
     add("--dtype", choices=list(DTYPES), help="Model dtype (default: fp16 on CUDA, fp32 elsewhere).")
     add("--revision", help="Hub revision of --model.")
@@ -115,6 +123,8 @@ def _recorded_settings(path: str, replay: bool) -> dict:
         "guidance_rescale": document["guidance_rescale"],
         "eta": document["eta"],
         "seed": image["seed"],
+        "strength": document.get("strength"),
+        "recorded_image_sha256": {"image": document.get("init_image_sha256"), "mask": document.get("mask_sha256")},
         "num_images": 1,
         "recorded_dtype": document.get("dtype"),
         "recorded_device": document.get("device"),
@@ -136,6 +146,7 @@ def generate_settings(args) -> dict:
     """Defaults, then the settings recorded in `--from-png`, then every flag given."""
     settings = {**DEFAULTS, "lora": [], "scheduler_arg": {}, "negative_prompt": "", "prompt": None, "model": None}
     settings.update(dict.fromkeys(("checkpoint", "revision", "variant", "height", "width", "seed", "save_images")))
+    settings.update(dict.fromkeys(("init_image", "mask", "strength")))
     if args.from_png is not None:
         # Only an image made again with its whole batch is exact; a new prompt, seed or count makes a new batch.
         alone = any(getattr(args, key) is not None for key in ("prompt", "negative_prompt", "seed", "num_images"))
@@ -143,12 +154,15 @@ def generate_settings(args) -> dict:
         if args.scheduler is not None:  # the recorded overrides belong to the recorded sampler
             settings["scheduler_arg"] = {}
     given = {key: getattr(args, key) for key in ("model", "checkpoint", "revision", "variant", "lora", "scheduler",
-             "prompt", "height", "width", "steps", "guidance", "guidance_rescale", "eta", "seed", "num_images")}  # fmt: skip
+             "prompt", "height", "width", "steps", "guidance", "guidance_rescale", "eta", "seed", "num_images",
+             "init_image", "mask", "strength")}  # fmt: skip
     settings.update({key: value for key, value in given.items() if value is not None})
     settings["scheduler_arg"] = {**settings["scheduler_arg"], **dict(args.scheduler_arg or [])}
     if args.negative_prompt is not None:
         negative = args.negative_prompt
         settings["negative_prompt"] = negative[0] if len(negative) == 1 else negative
+    if settings["init_image"] is not None and settings["strength"] is None:
+        settings["strength"] = DEFAULT_STRENGTH
     settings.update(device=args.device, dtype=args.dtype, out=args.out)
     return settings
 
@@ -190,10 +204,43 @@ def _read_configs(model: str, kind: str, revision: str | None) -> tuple[dict, di
     return scheduler_config, vae_config
 
 
-def check_generate_settings(settings: dict) -> None:
-    """Every check that needs no weights: files, device, sampler and every generation argument."""
+def open_image(path, flag: str, mode: str = "RGB"):
+    """The image at `path`, fully read (a truncated or non-image file fails here, not after the model loads)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"`{flag}` {str(path)!r} does not exist.")
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"`{flag}` {str(path)!r} is not a readable image: {error}") from error
+
+
+def load_image_settings(settings: dict) -> tuple[object, object]:
+    """The init image and mask of the settings (None without them), checked against what `--from-png` recorded."""
+    from ldm_tune.inference_image import image_sha256
+
+    recorded = settings.get("recorded_image_sha256") or {}
+    if settings["init_image"] is None and recorded.get("image"):
+        raise ValueError(f"`--from-png` image was made from an init image (sha256 {recorded['image']}): pass it "
+                         "again with --init-image.")  # fmt: skip
+    if settings["init_image"] is None and settings.get("strength") is not None:
+        raise ValueError("`strength` needs an init image (--init-image).")
+    image = None if settings["init_image"] is None else open_image(settings["init_image"], "init_image")
+    mask = None if settings["mask"] is None else open_image(settings["mask"], "mask", mode="L")
+    for name, value in (("image", image), ("mask", mask)):
+        if value is not None and recorded.get(name) and image_sha256(value) != recorded[name]:
+            logger.warning("The %s differs from the one the image was made from (sha256 differs).", name)
+    return image, mask
+
+
+def check_generate_settings(settings: dict) -> tuple[object, object]:
+    """Every check that needs no weights: files, device, sampler and every generation argument. Returns the init
+    image and mask, read (None without them)."""
     from ldm_tune.components import check_model_folder, check_model_source
     from ldm_tune.generation_params import GenerationParams, check_generation_inputs
+    from ldm_tune.inference_image import check_image_inputs
     from ldm_tune.lora_files import resolve_lora_file
     from ldm_tune.schedulers import make_scheduler
 
@@ -215,11 +262,14 @@ def check_generate_settings(settings: dict) -> None:
     scheduler_config, vae_config = _read_configs(str(settings["model"]), kind, settings.get("revision"))
     scheduler = make_scheduler(settings["scheduler"], scheduler_config, **settings["scheduler_arg"])
     factor = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
+    image, mask = load_image_settings(settings)
+    # The UNet's channels are not known before it loads: a 9-channel UNet without a mask is refused then.
+    size = check_image_inputs(image, mask, settings["strength"], settings["steps"], factor, None) or (factor, factor)
     params = GenerationParams(
         settings["prompt"],
         settings["negative_prompt"],
-        factor if settings.get("height") is None else settings["height"],  # None: the native size, always valid
-        factor if settings.get("width") is None else settings["width"],
+        size[0] if settings.get("height") is None else settings["height"],  # None: the native size, always valid
+        size[1] if settings.get("width") is None else settings["width"],
         settings["steps"],
         settings["guidance"],
         settings["guidance_rescale"],
@@ -233,6 +283,7 @@ def check_generate_settings(settings: dict) -> None:
     except ValueError as error:
         raise ValueError(f"`scheduler_arg` {settings['scheduler_arg']} of the {settings['scheduler']} sampler: "
                          f"{error}") from error  # fmt: skip
+    return image, mask
 
 
 def _dtype(settings: dict, device: torch.device) -> torch.dtype | None:
@@ -259,7 +310,7 @@ def run_generate(args) -> None:
     """Check every setting, then load the model and write the images."""
     settings = generate_settings(args)
     try:
-        check_generate_settings(settings)  # before any model loads
+        image, mask = check_generate_settings(settings)  # before any model loads
     except ValueError as error:
         raise _name_flags(error) from error
     from ldm_tune.inference import LDMInference
@@ -291,6 +342,7 @@ def run_generate(args) -> None:
         output_path=settings["out"],
         save_grid=True,
         save_images=settings["save_images"],
+        **({} if image is None else {"image": image, "mask_image": mask, "strength": settings["strength"]}),
     )
     files = pipe.last_output_files
     grid = f", grid {files['grid']}" if files["grid"] else ""

@@ -43,6 +43,10 @@ class GenerationParams:
     eta: float
     num_images_per_prompt: int
     seed: int | None
+    # img2img / inpainting only (None otherwise): the images are recorded as the sha256 of their bytes, not stored.
+    strength: float | None = None
+    init_image_sha256: str | None = None
+    mask_sha256: str | None = None
 
 
 def _check_prompts(prompt, negative_prompt) -> tuple[list[str], list[str]]:

@@ -16,7 +16,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
@@ -37,7 +36,13 @@ from ldm_tune.generation_params import (
     image_generators,
     image_seeds,
     resolve_seed,
-    warn_if_late_start,
+)
+from ldm_tune.inference_image import (
+    ImageInputsMixin,
+    Inpainting,
+    check_image_count,
+    check_image_inputs,
+    image_sha256,
 )
 from ldm_tune.inference_lora import LoadedLora, LoraMixin
 from ldm_tune.outputs import save_generation
@@ -50,7 +55,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["OUTPUT_TYPES", "GenerationParams", "LDMInference"]
 
 
-class LDMInference(LoraMixin):
+class LDMInference(ImageInputsMixin, LoraMixin):
     """Generate images from a Stable-Diffusion-format model.
 
     Args:
@@ -85,7 +90,7 @@ class LDMInference(LoraMixin):
         self.loras: list[LoadedLora] = []
         self._lora_pipeline = None
         self.vae_scale_factor = vae_scale_factor(vae)
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self._make_processors()
         self.set_scheduler(scheduler)
 
     @classmethod
@@ -150,9 +155,25 @@ class LDMInference(LoraMixin):
         self.scheduler_overrides = dict(overrides)
 
     # 1. Check inputs. Raise error if not correct.
-    def check_inputs(self, params: GenerationParams, generator, callback, output_type) -> GenerationParams:
-        """Validate every argument; return `params` with prompts and negative prompts as lists of equal length."""
-        return check_generation_inputs(params, self.scheduler, self.vae_scale_factor, generator, callback, output_type)
+    def check_inputs(
+        self, params: GenerationParams, generator, callback, output_type, image=None, mask_image=None
+    ) -> GenerationParams:
+        """Validate every argument; return `params` with prompts and negative prompts as lists of equal length,
+        and the size of the init image where none was given."""
+        size = check_image_inputs(
+            image, mask_image, params.strength, params.num_inference_steps, self.vae_scale_factor,
+            self.unet.config.in_channels,
+        )  # fmt: skip
+        native = self.unet.config.sample_size * self.vae_scale_factor
+        height, width = size or (native, native)
+        params.height = height if params.height is None else params.height
+        params.width = width if params.width is None else params.width
+        params = check_generation_inputs(
+            params, self.scheduler, self.vae_scale_factor, generator, callback, output_type
+        )
+        if image is not None:
+            check_image_count(image, len(params.prompt) * params.num_images_per_prompt)
+        return params
 
     # 2. Encode input prompt.
     def _tokenize(self, texts: list[str]) -> torch.Tensor:
@@ -222,13 +243,19 @@ class LDMInference(LoraMixin):
         generator: torch.Generator | list[torch.Generator],
         callback: Callable | None = None,
         progress: bool = True,
+        timesteps: torch.Tensor | None = None,
+        inpainting: Inpainting | None = None,
     ) -> torch.Tensor:
-        """Run the sampler from pure noise to clean latents; CFG in one batched UNet call."""
+        """Run the sampler over `timesteps` (default: all of the scheduler's) to clean latents; CFG in one batched
+        UNet call. With `inpainting`, the UNet sees the mask (9 channels) or the known part is put back (4)."""
         do_cfg = embeds.shape[0] == 2 * latents.shape[0]
         step_kwargs = self._extra_step_kwargs(generator, eta)
-        for i, t in enumerate(tqdm(self.scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
+        timesteps = self.scheduler.timesteps if timesteps is None else timesteps
+        for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
             model_input = torch.cat([latents] * 2) if do_cfg else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
+            if inpainting is not None:
+                model_input = inpainting.unet_input(model_input)
             noise_pred = self.unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
             if do_cfg:
                 # Classifier-free guidance (Ho & Salimans 2022): move away from the unconditional prediction.
@@ -239,6 +266,9 @@ class LDMInference(LoraMixin):
                     noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale=guidance_rescale)
             output = self.scheduler.step(noise_pred, t, latents, **step_kwargs)
             latents = output.prev_sample
+            if inpainting is not None:
+                following = timesteps[i + 1] if i + 1 < len(timesteps) else None
+                latents = inpainting.blend(self.scheduler, latents, following)
             # The sampler's current estimate of the clean latents, for callbacks that show the trajectory
             # (None for samplers that do not expose it).
             self.pred_original_sample = getattr(output, "pred_original_sample", None)
@@ -274,13 +304,17 @@ class LDMInference(LoraMixin):
         progress: bool = True,
         save_grid: bool = False,
         save_images: list[int] | None = None,
+        image=None,
+        strength: float = 0.8,
+        mask_image=None,
     ):
-        """Generate images for one prompt or a list of prompts.
+        """Generate images for one prompt or a list of prompts; from an init image (img2img) or inpaint a masked part.
 
         Args:
             prompt: text, or a list of texts (one batch).
             negative_prompt: what to steer away from: one string for all prompts or one per prompt.
-            height, width: image size, multiples of the VAE factor (default: the UNet's native size).
+            height, width: image size, multiples of the VAE factor (default: the size of `image`, else the UNet's
+                native size).
             num_inference_steps: sampler steps. guidance_scale: CFG weight, guidance is off at <= 1.
             guidance_rescale: 0-1, rescales CFG output (arXiv 2305.08891). eta: DDIM noise (0 = deterministic).
             num_images_per_prompt: images per prompt, consecutive in the output.
@@ -294,24 +328,32 @@ class LDMInference(LoraMixin):
             output_type: `pil` (default), `np`, `pt` or `latent`.
             progress: show a progress bar. save_grid: also write a grid PNG (rows = prompts) into `output_path`.
             save_images: write only the images of these indices into `output_path` (default: all).
+            image: init image(s) for img2img or inpainting: a PIL image, a numpy array (HWC in [0, 1]), a tensor
+                (CHW in [-1, 1]), or a list of them: one for all images, or one per image generated.
+            strength: how much of `image` is repainted, in [0, 1]: sampling runs the last `strength` of the
+                sampler's steps, from `image` noised to that level (1: from pure noise).
+            mask_image: inpainting mask(s) of the image's size: white (>= 0.5) is repainted, black is kept. A
+                9-channel (inpainting) UNet sees the mask; with a 4-channel UNet the kept part is put back each step.
 
         Returns:
             A list of PIL images (or an array/tensor for `np`/`pt`/`latent`), `num_images_per_prompt` per prompt.
         """
-        native = self.unet.config.sample_size * self.vae_scale_factor
         params = GenerationParams(
             prompt,
             negative_prompt,
-            native if height is None else height,
-            native if width is None else width,
+            height,
+            width,
             num_inference_steps,
             guidance_scale,
             guidance_rescale,
             eta,
             num_images_per_prompt,
             seed,
+            strength=None if image is None else strength,
+            init_image_sha256=image_sha256(image),
+            mask_sha256=image_sha256(mask_image),
         )
-        params = self.check_inputs(params, generator, callback, output_type)
+        params = self.check_inputs(params, generator, callback, output_type, image, mask_image)
         batch_size = len(params.prompt) * num_images_per_prompt
         if save_images is not None and not all(isinstance(i, int) and 0 <= i < batch_size for i in save_images):
             raise ValueError(f"`save_images` must list image indices in [0, {batch_size}), got {save_images!r}.")
@@ -322,12 +364,12 @@ class LDMInference(LoraMixin):
             generator = image_generators(seeds)
         do_cfg = guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None
         embeds = self.encode_prompt(params.prompt, params.negative_prompt, num_images_per_prompt, do_cfg)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        warn_if_late_start(self.scheduler, self.scheduler_name, num_inference_steps)
-        latents = self.prepare_latents(batch_size, params.height, params.width, embeds.dtype, generator)
+        start = self.prepare_start(params, batch_size, embeds.dtype, generator, image, mask_image)
+        latents, timesteps, inpainting = start
         latents = self.denoise(
-            latents, embeds, num_inference_steps, guidance_scale, guidance_rescale, eta, generator, callback, progress
-        )
+            latents, embeds, num_inference_steps, guidance_scale, guidance_rescale, eta, generator, callback, progress,
+            timesteps, inpainting,
+        )  # fmt: skip
         images = self.decode(latents, output_type)
         if output_path is not None:
             pil_images = images if output_type == "pil" else self.decode(latents, "pil")
