@@ -153,6 +153,8 @@ def infotext(document: dict, image: dict) -> str:
         "Checkpoint": Path(document["checkpoint"]).name if document.get("checkpoint") else None,
         "Eta": document.get("eta") or None,
         "CFG rescale": document.get("guidance_rescale") or None,
+        # A1111's img2img/inpaint field; None (left out) for text-to-image.
+        "Denoising strength": document.get("strength") if document.get("init_image_sha256") else None,
         "Lora hashes": ", ".join(f"{name}: {value}" for name, value in hashes.items() if value) or None,
         "Version": f"ldm_tune {document.get('versions', {}).get('ldm_tune', '')}".strip(),
     }
