@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_inference import describe_machine
+from bench_inference import describe_machine, in_child
 
 
 def write_list(folder: Path, rows: int, distinct: int) -> Path:
@@ -102,12 +100,7 @@ def main() -> None:
     for name, pairs, verify in runs:
         child = {"model": str(model), "pairs": str(pairs), "verify": verify, "out": str(work / f"run-{len(rows)}"),
                  "cache": str(cache), "index_only": verify == "index"}  # fmt: skip
-        result = subprocess.run([sys.executable, __file__, "--child", json.dumps(child)], capture_output=True,
-                                text=True, check=False)  # fmt: skip
-        line = next((x for x in result.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            raise RuntimeError(f"{name} ({verify}) failed:\n{result.stderr[-3000:]}")
-        rows.append({"list": name, "verify": verify, **json.loads(line[7:])})
+        rows.append({"list": name, "verify": verify, **in_child(__file__, child, f"{name} ({verify})")})
         print(f"  {name}, verify {verify}: {rows[-1]}", flush=True)
     base = rows[0]["peak_rss_mib"]
     print(f"\ntiny preset, 32 px, batch 16, one update; {args.distinct} distinct local images; 'index': building "

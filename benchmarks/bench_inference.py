@@ -61,6 +61,21 @@ def describe_machine() -> dict:
     return machine
 
 
+def in_child(script: str, child: dict, what: str) -> dict:
+    """Run `script --child JSON` in a fresh process (its own peak RSS, no state shared with other runs) and return
+    the dict it printed on its `RESULT ` line."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, script, "--child", json.dumps(child)], capture_output=True, text=True,
+                            check=False)  # fmt: skip
+    line = next((x for x in result.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"{what} failed:\n{result.stderr[-3000:]}")
+    return json.loads(line[len("RESULT ") :])
+
+
 def time_call(fn) -> float:
     start = time.perf_counter()
     fn()

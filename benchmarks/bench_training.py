@@ -18,13 +18,11 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_inference import describe_machine
+from bench_inference import describe_machine, in_child
 
 
 CONFIGS = {
@@ -125,12 +123,7 @@ def main() -> None:
         for name in CONFIGS:  # alternating, so a drift of the machine touches both alike
             child = {"name": name, "model": str(model), "data": str(data / "train"), "steps": args.steps,
                      "out": str(work / f"{name}-{repeat}"), "warmup": args.warmup, "batch": args.batch_size}  # fmt: skip
-            result = subprocess.run([sys.executable, __file__, "--child", json.dumps(child)], capture_output=True,
-                                    text=True, check=False)  # fmt: skip
-            line = next((x for x in result.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
-            runs[name].append(json.loads(line[7:]))
+            runs[name].append(in_child(__file__, child, name))
             print(f"  {name} #{repeat + 1}: {runs[name][-1]}", flush=True)
     table = {name: summarize(r) for name, r in runs.items()}
     ratio = table["ours"]["samples_per_s"] / table["reference"]["samples_per_s"]
