@@ -29,6 +29,7 @@ from ldm_tune.data.items import ItemTable, check_captions
 
 logger = logging.getLogger(__name__)
 SAVE_EVERY_S = 60.0  # how often a running scan writes its cache (a 1 M-entry cache takes about a second to write)
+CHECK_BLOCK = 65_536  # items checked at once (see `_checked_items`)
 CACHE_SCHEMA = pa.schema([("key", pa.binary(16)), ("width", pa.int32()), ("height", pa.int32()),
                           ("sha256", pa.binary(32)), ("fixes", pa.string()), ("reason", pa.string())])  # fmt: skip
 
@@ -263,13 +264,14 @@ def _decode_all(source, todo: np.ndarray, keys: np.ndarray, keyed: np.ndarray, c
     return unkeyed
 
 
-def _facts_columns(rows: np.ndarray, unkeyed: dict, table: pa.Table) -> dict:
+def _facts_columns(rows: np.ndarray, unkeyed: dict, table: pa.Table, offset: int) -> dict:
     """Each item's width, height and the codes of its reason and fixes (into the `reasons` and `fix_sets` lists),
-    as numpy columns gathered from the cache table: no Python object per item."""
+    as numpy columns gathered from the cache table: no Python object per item. `rows` are the cache rows of the
+    items `offset`, `offset + 1`, ..."""
     taken = table.select(["width", "height", "fixes", "reason"]).take(np.maximum(rows, 0)) if len(table) else None
     n = len(rows)
     columns = {"width": np.zeros(n, np.int32), "height": np.zeros(n, np.int32),
-               "reason": np.zeros(n, np.int64), "fixes": np.zeros(n, np.int64), "reasons": [""], "fix_sets": [""]}  # fmt: skip
+               "reason": np.zeros(n, np.int32), "fixes": np.zeros(n, np.int32), "reasons": [""], "fix_sets": [""]}  # fmt: skip
     if taken is not None:
         for name in ("width", "height"):
             columns[name] = np.array(taken.column(name), dtype=np.int32)  # writable: no-file items are set below
@@ -277,28 +279,39 @@ def _facts_columns(rows: np.ndarray, unkeyed: dict, table: pa.Table) -> dict:
             encoded = pc.dictionary_encode(taken.column(name)).combine_chunks()
             columns[table_name] = encoded.dictionary.to_pylist()
             columns[name] = np.array(encoded.indices, dtype=np.int32)
-    for i, facts in unkeyed.items():  # items without a file (dataset rows): decoded this run, not cached
+    for i in (i for i in unkeyed if offset <= i < offset + n):  # items without a file: decoded now, not cached
+        facts, local = unkeyed[i], i - offset
         for name, value in (("reason", facts.get("reason", "")), ("fixes", ",".join(facts.get("fixes", [])))):
             table_name = "reasons" if name == "reason" else "fix_sets"
             if value not in columns[table_name]:
                 columns[table_name].append(value)
-            columns[name][i] = columns[table_name].index(value)
+            columns[name][local] = columns[table_name].index(value)
         if "reason" not in facts:
-            columns["width"][i], columns["height"][i] = facts["width"], facts["height"]
+            columns["width"][local], columns["height"][local] = facts["width"], facts["height"]
     return columns
 
 
 def _checked_items(source, rows, unkeyed: dict, table: pa.Table, cfg, tokenizer, report: DataReport) -> ItemTable:
-    """The usable items, and every skip and repair counted in `report`: decode reasons first, then captions, then
-    size; repairs and truncated captions of the kept items."""
-    c = _facts_columns(rows, unkeyed, table)
+    """The usable items, and every skip and repair counted in `report`, a block of `CHECK_BLOCK` items at a time
+    (the check's temporary columns stay small whatever the corpus)."""
+    parts = [_check_block(source, rows[start : start + CHECK_BLOCK], start, unkeyed, table, cfg, tokenizer, report)
+             for start in range(0, len(rows), CHECK_BLOCK)]  # fmt: skip
+    if not parts:
+        return ItemTable(source, [], sha256=np.zeros(0, "S32"))
+    return ItemTable(source, *(np.concatenate(column) for column in zip(*parts, strict=True)))
+
+
+def _check_block(source, rows, offset: int, unkeyed: dict, table: pa.Table, cfg, tokenizer, report: DataReport):
+    """Items `offset`... of one block: decode reasons first, then captions, then size; repairs and truncated
+    captions of the kept ones. Returns the kept items' (index, width, height, sha256) columns."""
+    c = _facts_columns(rows, unkeyed, table, offset)
     report.total += len(rows)
-    reason = np.array(c["reasons"], dtype=object)[c["reason"]] if len(rows) else np.zeros(0, object)
+    reason = np.array(c["reasons"], dtype=object)[c["reason"]]
     keep = c["reason"] == c["reasons"].index("") if "" in c["reasons"] else np.zeros(len(rows), bool)
     if not getattr(source, "captions_checked", False):
         for i in np.flatnonzero(keep):
             try:
-                check_captions(source.caption(int(i)))
+                check_captions(source.caption(offset + int(i)))
             except BadItem as error:
                 keep[i], reason[i] = False, error.reason
     short, long = np.minimum(c["width"], c["height"]), np.maximum(c["width"], c["height"])
@@ -307,22 +320,22 @@ def _checked_items(source, rows, unkeyed: dict, table: pa.Table, cfg, tokenizer,
     elongated = keep & (long > cfg.max_aspect_ratio * np.maximum(short, 1))
     reason[elongated], keep[elongated] = "extreme_aspect_ratio", False
     for i in np.flatnonzero(~keep):
-        report.add(report.bad, reason[i], source.origin(int(i)))
+        report.add(report.bad, reason[i], source.origin(offset + int(i)))
     for code in np.unique(c["fixes"][keep]):
         for i in np.flatnonzero(keep & (c["fixes"] == code)):
             for fix in filter(None, c["fix_sets"][code].split(",")):
-                report.add(report.fixes, fix, source.origin(int(i)))
+                report.add(report.fixes, fix, source.origin(offset + int(i)))
     kept = np.flatnonzero(keep)
     report.kept += len(kept)
     if tokenizer is not None:
         for i in kept:
-            captions = check_captions(source.caption(int(i)))
+            captions = check_captions(source.caption(offset + int(i)))
             if max(len(ids) for ids in tokenizer(captions, verbose=False).input_ids) > tokenizer.model_max_length:
                 # Kept: the text encoder sees the first model_max_length tokens, as at inference.
-                report.add(report.fixes, "caption_truncated", source.origin(int(i)))
-    sha256 = _fixed(table.column("sha256").take(np.maximum(rows[kept], 0)), 32) if len(table) else None
-    sha256 = np.zeros(len(kept), "S32") if sha256 is None else sha256.copy()
+                report.add(report.fixes, "caption_truncated", source.origin(offset + int(i)))
+    sha256 = _fixed(table.column("sha256").take(np.maximum(rows[kept], 0)), 32).copy() if len(table) else None
+    sha256 = np.zeros(len(kept), "S32") if sha256 is None else sha256
     for position, i in enumerate(kept):  # items without a file: their facts were not cached
-        if int(i) in unkeyed:
-            sha256[position] = bytes.fromhex(unkeyed[int(i)]["sha256"])
-    return ItemTable(source, kept, c["width"][kept], c["height"][kept], sha256)
+        if offset + int(i) in unkeyed:
+            sha256[position] = bytes.fromhex(unkeyed[offset + int(i)]["sha256"])
+    return kept + offset, c["width"][kept], c["height"][kept], sha256
