@@ -159,6 +159,93 @@ def load_unet(path: str | os.PathLike, **kwargs) -> UNet2DConditionModel:
     )
 
 
+EMA_FOLDER = "unet_ema"  # beside `unet/` in a `checkpoint-N` of a run with `training.use_ema` (EMAModel format)
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-\d+$")
+
+
+@dataclass
+class CheckpointUNet:
+    """Which UNet folder of a training checkpoint or output folder to load, and what the run trained.
+
+    folder: the UNet folder itself (config.json plus safetensors weights).
+    weights: "ema" (the exponential moving average, what made the run's validation images) or "raw".
+    prediction_type: the run's `prediction_type` (None: not recorded, the base model's own applies).
+    """
+
+    folder: Path
+    weights: str
+    prediction_type: str | None
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def _run_facts(folder: Path) -> tuple[str | None, bool | None]:
+    """The `prediction_type` and `training.use_ema` of the run that wrote `folder` (a run folder, or a
+    `checkpoint-N`/`best`/`unet` folder inside one): from `summary.json` and `pipeline/scheduler/` of a finished run,
+    else from the run's `config.yaml`. None where nothing records it."""
+    prediction_type = use_ema = None
+    for run in (folder, folder.parent, folder.parent.parent)[: 3 if folder.name in ("unet", EMA_FOLDER) else 2]:
+        if prediction_type is None:
+            prediction_type = _read_json(run / "summary.json").get("prediction_type")
+        if prediction_type is None:
+            scheduler = _read_json(run / "pipeline" / "scheduler" / "scheduler_config.json")
+            prediction_type = scheduler.get("prediction_type")
+        config = _read_yaml(run / "config.yaml")
+        model, training = config.get("model"), config.get("training")
+        if prediction_type is None and isinstance(model, dict):
+            prediction_type = model.get("prediction_type")
+        if use_ema is None and isinstance(training, dict) and "use_ema" in training:
+            use_ema = bool(training["use_ema"])
+        if config:  # the run's own folder: stop here
+            break
+    return prediction_type, use_ema
+
+
+def checkpoint_unet(path: str | os.PathLike, use_ema: bool = True) -> CheckpointUNet:
+    """Resolve a `checkpoint` (training `checkpoint-N`, finished output folder, `best/`, or a UNet folder).
+
+    A `checkpoint-N` of a run with EMA holds the raw weights in `unet/` and the EMA weights in `unet_ema/`: the EMA
+    ones are used unless `use_ema=False`. An output folder's (or `best/`'s) `unet/` already holds the EMA weights
+    when the run used EMA (the raw ones are not kept there).
+    """
+    path = Path(path)
+    prediction_type, run_used_ema = _run_facts(path)
+    ema = path / EMA_FOLDER
+    if (ema / "config.json").is_file() and _has(ema, ("*.safetensors", "*.safetensors.index.json")):
+        if use_ema:
+            return CheckpointUNet(ema, "ema", prediction_type)
+        return CheckpointUNet(path / "unet", "raw", prediction_type)
+    if path.name == EMA_FOLDER:  # the EMA folder itself
+        return CheckpointUNet(path, "ema", prediction_type)
+    folder = path / "unet" if (path / "unet" / "config.json").is_file() else path
+    in_checkpoint = any(_CHECKPOINT_NAME.match(p.name) for p in (path, path.parent))
+    if run_used_ema and not in_checkpoint:  # an export: the trainer wrote the EMA weights as unet/
+        if not use_ema:
+            logger.info("%s holds the run's EMA weights only (an export, no raw UNet): using them.", path)
+        return CheckpointUNet(folder, "ema", prediction_type)
+    if use_ema:
+        logger.info("%s has no EMA weights (no %s/): using the raw UNet.", path, EMA_FOLDER)
+    return CheckpointUNet(folder, "raw", prediction_type)
+
+
 def load_components(
     pretrained_model_name_or_path: str | os.PathLike,
     *,

@@ -60,7 +60,10 @@ def add_generate_parser(sub) -> None:
     add("--model", help="Stable-Diffusion-format folder, or hub id `owner/name` (default with --from-png: its own).")
     add("--from-png", metavar="FILE", help="Make this PNG (written by `ldm-tune generate`) again from the settings "
         "in it; any other flag given replaces the recorded value.")  # fmt: skip
-    add("--checkpoint", help="Training checkpoint or output folder whose unet/ replaces the base UNet.")
+    add("--checkpoint", help="Training checkpoint or output folder whose UNet replaces the base UNet (its EMA "
+        "weights when it has them) and whose prediction_type is used.")  # fmt: skip
+    add("--no-ema", action="store_true", default=None, help="With --checkpoint: use its raw UNet weights (unet/), "
+        "not the EMA ones (unet_ema/, the default when present).")  # fmt: skip
     add("--lora", action="append", type=_lora_arg, metavar="PATH[:SCALE]",
         help="LoRA .safetensors file (diffusers or kohya format) or training output folder, with an optional scale "
         "(default 1; 0 turns it off); repeat the flag for several.")  # fmt: skip
@@ -109,6 +112,7 @@ def _recorded_settings(path: str, replay: bool) -> dict:
     return {
         "model": document.get("model"),
         "checkpoint": document.get("checkpoint"),
+        "use_ema": document.get("unet_weights") != "raw",
         "revision": document.get("revision"),
         "variant": document.get("variant"),
         "lora": [(lora["path"], lora["scale"]) for lora in loras],
@@ -145,6 +149,7 @@ def _recorded_call(document: dict, image: dict) -> dict:
 def generate_settings(args) -> dict:
     """Defaults, then the settings recorded in `--from-png`, then every flag given."""
     settings = {**DEFAULTS, "lora": [], "scheduler_arg": {}, "negative_prompt": "", "prompt": None, "model": None}
+    settings["use_ema"] = True
     settings.update(dict.fromkeys(("checkpoint", "revision", "variant", "height", "width", "seed", "save_images")))
     settings.update(dict.fromkeys(("init_image", "mask", "strength")))
     if args.from_png is not None:
@@ -158,6 +163,8 @@ def generate_settings(args) -> dict:
              "init_image", "mask", "strength")}  # fmt: skip
     settings.update({key: value for key, value in given.items() if value is not None})
     settings["scheduler_arg"] = {**settings["scheduler_arg"], **dict(args.scheduler_arg or [])}
+    if getattr(args, "no_ema", None):
+        settings["use_ema"] = False
     if args.negative_prompt is not None:
         negative = args.negative_prompt
         settings["negative_prompt"] = negative[0] if len(negative) == 1 else negative
@@ -325,6 +332,7 @@ def run_generate(args) -> None:
         revision=settings["revision"],
         variant=settings["variant"],
         lora=settings["lora"],
+        use_ema=settings["use_ema"],
     )
     if settings["scheduler_arg"]:
         pipe.set_scheduler(settings["scheduler"], **settings["scheduler_arg"])

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ldm_tune.components import (
     check_model_source,
+    checkpoint_unet,
     default_dtype,
     freeze,
     latents_to_vae_space,
@@ -86,6 +87,7 @@ class LDMInference(ImageInputsMixin, LoraMixin):
         self.base_scheduler_config = dict(scheduler_config)
         self.model_name, self.checkpoint = model_name, checkpoint
         self.revision = self.variant = None
+        self.unet_weights = None  # "ema" or "raw" for a training checkpoint's UNet (set by `from_pretrained`)
         self.unet_files, self._model_hash = unet_files, None
         self.loras: list[LoadedLora] = []
         self._lora_pipeline = None
@@ -104,31 +106,46 @@ class LDMInference(ImageInputsMixin, LoraMixin):
         revision: str | None = None,
         variant: str | None = None,
         lora: list[str | os.PathLike | tuple[str | os.PathLike, float]] | str | os.PathLike | None = None,
+        use_ema: bool = True,
     ) -> LDMInference:
         """Load a Stable-Diffusion-format folder or hub id, optionally with a training checkpoint's UNet and LoRAs.
 
         `device="auto"` picks CUDA, then MPS, then the CPU; the dtype defaults to fp16 on CUDA and fp32 elsewhere.
         `lora` lists LoRAs as paths or `(path, scale)` pairs (see `load_lora`).
+        `checkpoint`: a training `checkpoint-N`, output folder, `best/` or UNet folder. A checkpoint of a run with
+        EMA uses its EMA weights (`unet_ema/`, what made the validation images) unless `use_ema=False`; the run's
+        `prediction_type` (from its summary, `pipeline/` or `config.yaml`) replaces the base model's.
         """
         check_model_source(model)  # a mistyped local path gets "does not exist", never a hub lookup
+        if not isinstance(use_ema, bool):
+            raise TypeError(f"`use_ema` must be a bool, got {use_ema!r}.")
         device = resolve_device(device)
         dtype = torch_dtype or default_dtype(device)
+        trained = None if checkpoint is None else checkpoint_unet(checkpoint, use_ema)
         components = load_components(
-            model, unet_path=checkpoint, revision=revision, variant=variant, torch_dtype=dtype
+            model,
+            unet_path=None if trained is None else trained.folder,
+            revision=revision,
+            variant=variant,
+            torch_dtype=dtype,
         )
+        scheduler_config = components.scheduler_config
+        if trained is not None and trained.prediction_type is not None:  # the trained parameterisation travels
+            scheduler_config = {**scheduler_config, "prediction_type": trained.prediction_type}
         freeze(components.vae, components.text_encoder, components.unet)
         pipe = cls(
             components.vae,
             components.text_encoder,
             components.tokenizer,
             components.unet,
-            components.scheduler_config,
+            scheduler_config,
             scheduler,
             model_name=str(model),
             checkpoint=None if checkpoint is None else str(checkpoint),
-            unet_files=unet_weight_files(model, checkpoint, variant, revision),
+            unet_files=unet_weight_files(model, None if trained is None else trained.folder, variant, revision),
         ).to(device)
         pipe.revision, pipe.variant = revision, variant
+        pipe.unet_weights = None if trained is None else trained.weights
         for item in [lora] if isinstance(lora, (str, os.PathLike)) else lora or []:
             path, scale = item if isinstance(item, (tuple, list)) else (item, 1.0)
             pipe.load_lora(path, scale)
@@ -396,6 +413,8 @@ class LDMInference(ImageInputsMixin, LoraMixin):
             "revision": self.revision,
             "variant": self.variant,
             "checkpoint": self.checkpoint,
+            "unet_weights": self.unet_weights,
+            "prediction_type": self.scheduler.config.get("prediction_type"),
             "loras": [asdict(lora) for lora in self.loras],
             **asdict(params),
             "scheduler": self.scheduler_name,
