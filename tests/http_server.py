@@ -267,9 +267,8 @@ def fake_dns(monkeypatch, answers: dict) -> list[str]:
     return lookups
 
 
-@pytest.fixture(scope="module", name="server")
-def server_fixture():
-    httpd = _Server()
+def serving(httpd: "_Server"):
+    """Serve `httpd` in a thread for the fixture's lifetime; then stop it (its stalled routes too)."""
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield httpd
@@ -277,6 +276,11 @@ def server_fixture():
     httpd.shutdown()
     httpd.server_close()
     thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module", name="server")
+def server_fixture():
+    yield from serving(_Server())
 
 
 @pytest.fixture(autouse=True, name="_no_proxy")

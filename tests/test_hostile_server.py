@@ -23,6 +23,7 @@ from http_server import (  # noqa: F401  (fixtures)
     no_proxy_fixture,
     png_of_size,
     server_fixture,
+    serving,
     stream_bytes,
 )
 
@@ -208,14 +209,7 @@ def test_allowing_everything_still_refuses_link_local():
 
 @pytest.fixture(scope="module")
 def keep_alive_server():
-    httpd = _Server(keep_alive=True)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.stop.set()
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
+    yield from serving(_Server(keep_alive=True))
 
 
 def test_a_kept_alive_connection_is_watched_and_policed(keep_alive_server, monkeypatch, dials):
