@@ -124,7 +124,9 @@ def _file_key(path: Path | None) -> bytes | None:
         stat = path.stat()
     except (OSError, AttributeError):  # gone, or no file at all (a dataset row's bytes)
         return None
-    return hashlib.blake2b(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode(), digest_size=16).digest()
+    # abspath: a folder given as a relative path names other files from another working directory.
+    name = os.path.abspath(path)
+    return hashlib.blake2b(f"{name}|{stat.st_size}|{stat.st_mtime_ns}".encode(), digest_size=16).digest()
 
 
 def _decode_facts(source, index: int) -> dict:
