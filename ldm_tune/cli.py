@@ -8,7 +8,9 @@ import sys
 
 import torch
 
+from ldm_tune.compare_pixel import add_compare_parser, run_compare
 from ldm_tune.evaluation import add_evaluate_parser, run_evaluate
+from ldm_tune.export_cli import add_export_parser, run_export
 from ldm_tune.generate_cli import DTYPES, _lora_arg, add_generate_parser, run_generate
 
 
@@ -83,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect_data(sub)
     _add_demo(sub)
     add_evaluate_parser(sub)
+    add_compare_parser(sub)
+    add_export_parser(sub)
     sub.add_parser("schedulers", help="List the sampler names, one line each.")
     return parser
 
@@ -187,6 +191,8 @@ COMMANDS = {
     "inspect-data": _run_inspect_data,
     "demo": _run_demo,
     "evaluate": run_evaluate,
+    "compare-pixel": run_compare,
+    "export": run_export,
     "schedulers": _run_schedulers,
 }
 

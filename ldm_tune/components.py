@@ -40,6 +40,7 @@ SD_FOLDER_HELP = (
 # '.', not starting or ending with '-' or '.', at most 96 characters ("--" and ".." are refused separately).
 _HUB_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
 _HUB_ID = re.compile(rf"{_HUB_PART}/{_HUB_PART}", re.ASCII)
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")  # original-layout checkpoints, read by ldm_tune.single_file
 
 
 @dataclass
@@ -98,13 +99,19 @@ def is_hub_id(name: str) -> bool:
 
 
 def check_model_source(name: str | os.PathLike, what: str = "model") -> str:
-    """Say whether `name` is a `"local"` path or a `"hub"` id, before anything loads.
+    """Say whether `name` is a `"local"` path (folder or single-file checkpoint) or a `"hub"` id, before anything loads.
 
     Raises:
+        ValueError: for a local file that is not `.safetensors` or `.ckpt`.
         FileNotFoundError: for a local path that does not exist, e.g. f"`model` {name!r} does not exist.";
             a mistyped local path is never looked up on the hub.
     """
     text = str(name)
+    if Path(text).is_file() and Path(text).suffix not in SINGLE_FILE_SUFFIXES:
+        raise ValueError(
+            f"`{what}` {text!r} is a file but not a single-file checkpoint: a model is a Stable-Diffusion-format "
+            f"folder, a hub id, or a {' or '.join(SINGLE_FILE_SUFFIXES)} file in the original ldm layout."
+        )
     if Path(text).exists():
         return "local"
     if is_hub_id(text):
@@ -255,22 +262,32 @@ def load_components(
     variant: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     torch_dtype: torch.dtype | None = None,
+    config: str | os.PathLike | None = None,
 ) -> ModelComponents:
     """Load VAE, text encoder, tokenizer, UNet and scheduler config of a Stable-Diffusion-format model.
 
     Args:
-        pretrained_model_name_or_path: a local folder, or a hub id such as `runwayml/stable-diffusion-v1-5`.
+        pretrained_model_name_or_path: a local folder, a hub id such as `runwayml/stable-diffusion-v1-5`, or a
+            single-file `.safetensors` (or weights-only `.ckpt`) checkpoint in the original ldm layout.
         unet_path: optional training checkpoint (or UNet folder) whose UNet replaces the base one.
         unet: an in-memory UNet to use instead of loading one (e.g. when exporting a trained model).
         revision, variant, cache_dir: passed to `from_pretrained` (e.g. `variant="fp16"`).
         torch_dtype: cast the loaded models to this dtype (default: keep the stored dtype promoted to fp32).
+        config: for a single file only, a diffusers-format folder of its architecture (configs and tokenizer);
+            without it the shipped SD 1.5 / SD 2.1 configs are used (see `ldm_tune.single_file`).
 
-    Only safetensors weights are read and no remote code is ever run.
+    Only safetensors weights (or a `.ckpt` read as weights only) are read and no remote code is ever run.
     """
     source = str(pretrained_model_name_or_path)
+    dtype = torch_dtype or torch.float32
+    if Path(source).is_file() and Path(source).suffix in SINGLE_FILE_SUFFIXES:
+        from ldm_tune.single_file import load_single_file  # it imports this module
+
+        return load_single_file(source, config=config, torch_dtype=dtype, unet=unet, unet_path=unet_path)
+    if config is not None:
+        raise ValueError(f"`config` is only for a single-file `model`; {source!r} has its own configs.")
     if not is_hub_id(source):
         check_model_folder(source)
-    dtype = torch_dtype or torch.float32
     hub = {"revision": revision, "cache_dir": cache_dir}
     weights = {**hub, "variant": variant, "use_safetensors": True}
     try:

@@ -30,6 +30,11 @@ class ModelConfig:
     revision: str | None = _f(None, "Hub revision of the base model.")
     variant: str | None = _f(None, "Weights variant of the base model, e.g. fp16.")
     prediction_type: str | None = _f(None, "epsilon or v_prediction; default: the model's scheduler config.")
+    space: str = _f(
+        "latent",
+        "latent: diffuse VAE latents (LDM); pixel: diffuse the RGB image itself (DDPM), no VAE, a 3-channel UNet "
+        "at image size (see ldm_tune.pixel_space).",
+    )
 
 
 @dataclass
@@ -235,6 +240,7 @@ CHOICES = {
     "stage": ("unet", "vae"),
     "vae.reconstruction_loss": ("mse", "l1"),
     "model.prediction_type": (None, "epsilon", "v_prediction"),
+    "model.space": ("latent", "pixel"),
     "training.mixed_precision": ("no", "fp16", "bf16"),
     "training.finetune_method": ("full", "lora"),
     # pissa, olora, corda and loftq initialisations rewrite the base weights: not offered.
@@ -365,6 +371,7 @@ def validate(config: TrainConfig) -> None:
     _validate_dreambooth(config)
     if config.stage == "vae" and (config.data.cache_latents or config.data.cache_text_embeddings):
         raise ValueError("`stage: vae` trains the VAE itself: turn `data.cache_latents` and the text cache off.")
+    _validate_space(config)
     if config.training.mixed_precision == "fp16":
         import torch
 
@@ -376,6 +383,18 @@ def validate(config: TrainConfig) -> None:
     from ldm_tune.schedulers import canonical_name
 
     canonical_name(config.validation.validation_scheduler)  # raises with the list of valid names
+
+
+def _validate_space(config: TrainConfig) -> None:
+    if config.model.space == "latent":
+        return
+    # Pixel space has no latents to cache: x0 is the image, which the data loader already gives.
+    if config.data.cache_latents:
+        raise ValueError("`data.cache_latents` caches VAE latents, and `model.space: pixel` has none: turn it off.")
+    if config.stage != "unet":
+        raise ValueError(f"`model.space: pixel` applies to `stage: unet`, got stage {config.stage!r}.")
+    if config.dreambooth.with_prior_preservation:  # class images are sampled by the latent pipeline
+        raise ValueError("`dreambooth.with_prior_preservation` is not supported with `model.space: pixel`.")
 
 
 def _validate_sources(d: DataConfig, t: TrainingConfig, db: DreamBoothConfig) -> None:

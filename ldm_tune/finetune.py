@@ -57,14 +57,17 @@ class FullFineTune:
 
     # Whole models go into checkpoints in diffusers format (unet/, unet_ema/), so a checkpoint is also loadable for
     # inference (`LDMInference.from_pretrained(model, checkpoint=...)`); the diffusers example does the same.
+    # Under FSDP (ldm_tune.sharding) Accelerate saves the shards themselves (`weights` is empty), and every process
+    # gathers a whole copy for the diffusers folder.
     def save_checkpoint(self, models, weights, output_dir) -> None:
         tr = self.trainer
-        if tr.accelerator.is_main_process:
-            for model in models:
-                tr.saved_module(model).save_pretrained(Path(output_dir) / tr.model_folder, safe_serialization=True)
-                weights.pop()
-            if tr.ema is not None:
-                tr.ema.save_pretrained(Path(output_dir) / f"{tr.model_folder}_ema")
+        with tr.gathered():
+            if tr.accelerator.is_main_process:
+                for model in models:
+                    tr.saved_module(model).save_pretrained(Path(output_dir) / tr.model_folder, safe_serialization=True)
+                if tr.ema is not None:
+                    tr.ema.save_pretrained(Path(output_dir) / f"{tr.model_folder}_ema")
+        del weights[:]  # written above in diffusers format; Accelerate would write them a second time
 
     def load_checkpoint(self, models, input_dir) -> None:
         tr = self.trainer

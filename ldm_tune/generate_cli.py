@@ -36,6 +36,9 @@ _FLAGS = {
     "strength": "--strength",
     "image": "--init-image",
     "mask_image": "--mask",
+    "clip_skip": "--clip-skip",
+    "batches": "--batches",
+    "cpu_offload": "--cpu-offload",
 }
 # A LoRA path may itself contain ':' (or be a Windows path): only a final ':<decimal number>' is a scale.
 _LORA_SCALE = re.compile(r"^(?P<path>.+):(?P<scale>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")
@@ -57,7 +60,10 @@ def add_generate_parser(sub) -> None:
     """The `generate` subcommand. Setting flags default to None so that `--from-png` knows which were given."""
     parser = sub.add_parser("generate", help="Generate images from a model folder or hub id.")
     add = parser.add_argument
-    add("--model", help="Stable-Diffusion-format folder, or hub id `owner/name` (default with --from-png: its own).")
+    add("--model", help="Stable-Diffusion-format folder, single-file .safetensors/.ckpt checkpoint, or hub id "
+        "`owner/name` (default with --from-png: its own).")  # fmt: skip
+    add("--config", help="For a single-file --model: a diffusers-format folder of its architecture (configs and "
+        "tokenizer); default: the shipped SD 1.5 / SD 2.1 configs.")  # fmt: skip
     add("--from-png", metavar="FILE", help="Make this PNG (written by `ldm-tune generate`) again from the settings "
         "in it; any other flag given replaces the recorded value.")  # fmt: skip
     add("--checkpoint", help="Training checkpoint or output folder whose UNet replaces the base UNet (its EMA "
@@ -67,7 +73,8 @@ def add_generate_parser(sub) -> None:
     add("--lora", action="append", type=_lora_arg, metavar="PATH[:SCALE]",
         help="LoRA .safetensors file (diffusers or kohya format) or training output folder, with an optional scale "
         "(default 1; 0 turns it off); repeat the flag for several.")  # fmt: skip
-    add("--prompt", action="append", help="Prompt; repeat the flag for several.")
+    add("--prompt", action="append", help="Prompt; repeat the flag for several. A1111 syntax: (word) x1.1, "
+        "(word:1.3), [word] /1.1, \\( for a literal '(', BREAK for a new 75-token chunk; no 77-token limit.")  # fmt: skip
     add("--negative-prompt", action="append", help="Negative prompt: once for all prompts, or once per --prompt.")
     add("--scheduler", help="Sampler name (see `ldm-tune schedulers`; default dpm++).")
     add("--scheduler-arg", action="append", type=_key_value, metavar="KEY=VALUE",
@@ -77,6 +84,8 @@ def add_generate_parser(sub) -> None:
     add("--guidance-rescale", type=float, help="CFG rescale in [0, 1] (default 0; arXiv 2305.08891).")
     add("--eta", type=float, help="DDIM eta (default 0: deterministic).")
     add("--seed", type=int, help="Seed of the first image; image i gets seed + i (omitted or -1: drawn, recorded).")
+    add("--clip-skip", type=int, metavar="N", help="Skip the last N text encoder layers (default: none). A1111's "
+        "\"Clip skip: 2\" is --clip-skip 1.")  # fmt: skip
     add("--num-images", type=int, help="Images per prompt (default 1).")
     add("--height", type=int, help="Image height (default: the model's native size).")
     add("--width", type=int, help="Image width (default: the model's native size).")
@@ -84,6 +93,17 @@ def add_generate_parser(sub) -> None:
         "size defaults to its size.")  # fmt: skip
     add("--strength", type=float, help="With --init-image: how much of it is repainted, in [0, 1] (default 0.8).")
     add("--mask", metavar="PATH", help="Inpainting mask for --init-image, of its size: white is repainted.")
+    add("--batches", type=int, help="Run N batches of --num-images per prompt (default 1), seeds continuing: with "
+        "one prompt, --batches 2 --num-images 2 makes the images of --num-images 4, two at a time.")  # fmt: skip
+    add("--vae-slicing", action="store_true", help="Decode one image at a time (less memory, same images).")
+    add("--vae-tiling", action="store_true", help="Decode in overlapping tiles, for images larger than the model's "
+        "native size (pixels near the seams change; recorded).")  # fmt: skip
+    add("--attention-slicing", action="store_true", help="Compute attention a few heads at a time (less memory, "
+        "slower; for GPUs without PyTorch 2's fused attention).")  # fmt: skip
+    add("--cpu-offload", action="store_true", help="CUDA only: keep the models in CPU memory, each on the GPU only "
+        "while it runs.")  # fmt: skip
+    add("--compile", action="store_true", help="torch.compile the UNet (the first batch compiles, later ones "
+        "run faster).")  # fmt: skip
     add("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, ...")
     add("--dtype", choices=list(DTYPES), help="Model dtype (default: fp16 on CUDA, fp32 elsewhere).")
     add("--revision", help="Hub revision of --model.")
@@ -91,80 +111,32 @@ def add_generate_parser(sub) -> None:
     add("--out", required=True, help="Folder for the PNGs, the grid and the parameters JSON.")
 
 
-def _recorded_settings(path: str, replay: bool) -> dict:
-    """The settings of one image from its PNG (see `ldm_tune.png_info`).
-
-    With `replay`, the whole call the image was made in (all its prompts and images, from the same first seed),
-    of which only this image is written: batched matrix products round differently at other batch sizes (about
-    3e-6 here, sometimes one level of 255), so only the same batch gives the very same pixels. Without it, the
-    image alone from its own seed.
-    """
-    from ldm_tune.png_info import file_sha256, read_generation
-
-    document, image = read_generation(path)
-    if image.get("seed") is None:
-        raise ValueError(f"`from_png` {path!r} was made with an explicit `generator`, not a seed: its noise is not "
-                         "recorded, so it cannot be made again.")  # fmt: skip
-    loras = document.get("loras") or []
-    for lora in loras:
-        if Path(lora["path"]).is_file() and file_sha256(lora["path"]) != lora.get("sha256"):
-            logger.warning("LoRA %s has changed since %s was made (sha256 differs).", lora["path"], path)
-    return {
-        "model": document.get("model"),
-        "checkpoint": document.get("checkpoint"),
-        "use_ema": document.get("unet_weights") != "raw",
-        "revision": document.get("revision"),
-        "variant": document.get("variant"),
-        "lora": [(lora["path"], lora["scale"]) for lora in loras],
-        "scheduler": document["scheduler"],
-        "scheduler_arg": dict(document.get("scheduler_overrides") or {}),
-        "prompt": [image["prompt"]],
-        "negative_prompt": image.get("negative_prompt", ""),
-        "height": document["height"],
-        "width": document["width"],
-        "steps": document["num_inference_steps"],
-        "guidance": document["guidance_scale"],
-        "guidance_rescale": document["guidance_rescale"],
-        "eta": document["eta"],
-        "seed": image["seed"],
-        "strength": document.get("strength"),
-        "recorded_image_sha256": {"image": document.get("init_image_sha256"), "mask": document.get("mask_sha256")},
-        "num_images": 1,
-        "recorded_dtype": document.get("dtype"),
-        "recorded_device": document.get("device"),
-        **(_recorded_call(document, image) if replay else {}),
-    }
-
-
-def _recorded_call(document: dict, image: dict) -> dict:
-    return {
-        "prompt": document["prompt"],
-        "negative_prompt": document["negative_prompt"],
-        "num_images": document["num_images_per_prompt"],
-        "seed": document["seed"],
-        "save_images": [image["batch_index"]],
-    }
-
-
 def generate_settings(args) -> dict:
     """Defaults, then the settings recorded in `--from-png`, then every flag given."""
     settings = {**DEFAULTS, "lora": [], "scheduler_arg": {}, "negative_prompt": "", "prompt": None, "model": None}
     settings["use_ema"] = True
     settings.update(dict.fromkeys(("checkpoint", "revision", "variant", "height", "width", "seed", "save_images")))
-    settings.update(dict.fromkeys(("init_image", "mask", "strength")))
+    settings.update(dict.fromkeys(("init_image", "mask", "strength", "clip_skip", "vae_tiling", "attention_slicing")))
+    settings["config"] = None
     if args.from_png is not None:
+        from ldm_tune.png_info import recorded_settings
+
         # Only an image made again with its whole batch is exact; a new prompt, seed or count makes a new batch.
         alone = any(getattr(args, key) is not None for key in ("prompt", "negative_prompt", "seed", "num_images"))
-        settings.update(_recorded_settings(args.from_png, replay=not alone))
+        settings.update(recorded_settings(args.from_png, replay=not alone))
         if args.scheduler is not None:  # the recorded overrides belong to the recorded sampler
             settings["scheduler_arg"] = {}
     given = {key: getattr(args, key) for key in ("model", "checkpoint", "revision", "variant", "lora", "scheduler",
              "prompt", "height", "width", "steps", "guidance", "guidance_rescale", "eta", "seed", "num_images",
-             "init_image", "mask", "strength")}  # fmt: skip
+             "init_image", "mask", "strength", "clip_skip", "config")}  # fmt: skip
     settings.update({key: value for key, value in given.items() if value is not None})
     settings["scheduler_arg"] = {**settings["scheduler_arg"], **dict(args.scheduler_arg or [])}
     if getattr(args, "no_ema", None):
         settings["use_ema"] = False
+    settings["vae_tiling"] = settings["vae_tiling"] or (True if args.vae_tiling else None)  # True: the VAE's size
+    settings["attention_slicing"] = settings["attention_slicing"] or ("auto" if args.attention_slicing else None)
+    settings.update(vae_slicing=args.vae_slicing, cpu_offload=args.cpu_offload, compile=args.compile)
+    settings["batches"] = 1 if args.batches is None else args.batches
     if args.negative_prompt is not None:
         negative = args.negative_prompt
         settings["negative_prompt"] = negative[0] if len(negative) == 1 else negative
@@ -250,13 +222,15 @@ def check_generate_settings(settings: dict) -> tuple[object, object]:
     from ldm_tune.inference_image import check_image_inputs
     from ldm_tune.lora_files import resolve_lora_file
     from ldm_tune.schedulers import make_scheduler
+    from ldm_tune.single_file import is_single_file, single_file_configs
 
     if settings.get("model") is None:
         raise ValueError("`--model` is required (or --from-png FILE of an image that records its model).")
     if not settings.get("prompt"):
         raise ValueError("`--prompt` is required (or --from-png FILE).")
     kind = check_model_source(settings["model"])
-    if kind == "local":
+    single = kind == "local" and is_single_file(settings["model"])
+    if kind == "local" and not single:
         check_model_folder(settings["model"])
     if settings["checkpoint"] is not None and not Path(settings["checkpoint"]).exists():
         raise FileNotFoundError(f"`checkpoint` {str(settings['checkpoint'])!r} does not exist.")
@@ -265,8 +239,17 @@ def check_generate_settings(settings: dict) -> tuple[object, object]:
     out = Path(settings["out"])
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"`out` {str(out)!r} is a file, not a folder.")
-    _check_device(settings["device"])
-    scheduler_config, vae_config = _read_configs(str(settings["model"]), kind, settings.get("revision"))
+    device = _check_device(settings["device"])
+    batches = settings["batches"]
+    if not isinstance(batches, int) or batches < 1:
+        raise ValueError(f"`batches` must be an integer >= 1, got {batches!r}.")
+    if settings["cpu_offload"] and device.type != "cuda":
+        raise ValueError(f"`cpu_offload` needs a CUDA device, got {str(device)!r}: on the CPU the models already sit "
+                         "in CPU memory.")  # fmt: skip
+    if single:  # the file's header and its config folder (or the shipped one): no weights read yet
+        scheduler_config, vae_config = single_file_configs(settings["model"], settings.get("config"))
+    else:
+        scheduler_config, vae_config = _read_configs(str(settings["model"]), kind, settings.get("revision"))
     scheduler = make_scheduler(settings["scheduler"], scheduler_config, **settings["scheduler_arg"])
     factor = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
     image, mask = load_image_settings(settings)
@@ -283,6 +266,7 @@ def check_generate_settings(settings: dict) -> tuple[object, object]:
         settings["eta"],
         settings["num_images"],
         settings.get("seed"),
+        clip_skip=settings["clip_skip"],
     )
     check_generation_inputs(params, scheduler, factor)
     try:
@@ -313,13 +297,9 @@ def _name_flags(error: ValueError) -> ValueError:
     return error
 
 
-def run_generate(args) -> None:
-    """Check every setting, then load the model and write the images."""
-    settings = generate_settings(args)
-    try:
-        image, mask = check_generate_settings(settings)  # before any model loads
-    except ValueError as error:
-        raise _name_flags(error) from error
+def _load_pipeline(settings: dict):
+    """The model on its device, with the sampler and every memory and speed switch of the settings."""
+    from ldm_tune.components import default_dtype
     from ldm_tune.inference import LDMInference
 
     device = _check_device(settings["device"])
@@ -327,31 +307,69 @@ def run_generate(args) -> None:
         settings["model"],
         checkpoint=settings["checkpoint"],
         scheduler=settings["scheduler"],
-        device=device,
-        torch_dtype=_dtype(settings, device),
+        device="cpu" if settings["cpu_offload"] else device,  # offload moves each model to `device` as it runs
+        torch_dtype=_dtype(settings, device) or default_dtype(device),
         revision=settings["revision"],
         variant=settings["variant"],
         lora=settings["lora"],
         use_ema=settings["use_ema"],
+        config=settings["config"],
     )
     if settings["scheduler_arg"]:
         pipe.set_scheduler(settings["scheduler"], **settings["scheduler_arg"])
-    pipe.generate(
-        settings["prompt"],
-        negative_prompt=settings["negative_prompt"],
-        height=settings["height"],
-        width=settings["width"],
-        num_inference_steps=settings["steps"],
-        guidance_scale=settings["guidance"],
-        guidance_rescale=settings["guidance_rescale"],
-        eta=settings["eta"],
-        num_images_per_prompt=settings["num_images"],
-        seed=settings["seed"],
-        output_path=settings["out"],
-        save_grid=True,
-        save_images=settings["save_images"],
-        **({} if image is None else {"image": image, "mask_image": mask, "strength": settings["strength"]}),
-    )
-    files = pipe.last_output_files
-    grid = f", grid {files['grid']}" if files["grid"] else ""
-    print(f"Wrote {len(files['images'])} images{grid} and parameters {files['params']}")
+    if settings["cpu_offload"]:
+        pipe.enable_model_cpu_offload(device=device)
+    if settings["vae_slicing"]:
+        pipe.enable_vae_slicing()
+    if settings["vae_tiling"]:
+        pipe.enable_vae_tiling(None if settings["vae_tiling"] is True else settings["vae_tiling"])
+    if settings["attention_slicing"]:
+        pipe.enable_attention_slicing(settings["attention_slicing"])
+    if settings["compile"]:
+        pipe.compile_unet()
+    return pipe
+
+
+def _generate_batches(pipe, settings: dict, image, mask) -> list[dict]:
+    """`--batches` calls, each writing its own run; image i over all of them gets seed + i (A1111's batch count)."""
+    from ldm_tune.generation_params import resolve_seed
+
+    prompts = settings["prompt"]
+    per_batch = (1 if isinstance(prompts, str) else len(prompts)) * settings["num_images"]
+    # One drawn seed for all batches, so their seeds continue.
+    seed = settings["seed"] if settings["batches"] == 1 else resolve_seed(settings["seed"])
+    written = []
+    for batch in range(settings["batches"]):
+        pipe.generate(
+            prompts,
+            negative_prompt=settings["negative_prompt"],
+            height=settings["height"],
+            width=settings["width"],
+            num_inference_steps=settings["steps"],
+            guidance_scale=settings["guidance"],
+            guidance_rescale=settings["guidance_rescale"],
+            eta=settings["eta"],
+            num_images_per_prompt=settings["num_images"],
+            seed=None if seed is None else seed + batch * per_batch,
+            output_path=settings["out"],
+            save_grid=True,
+            save_images=settings["save_images"],
+            clip_skip=settings["clip_skip"],
+            **({} if image is None else {"image": image, "mask_image": mask, "strength": settings["strength"]}),
+        )
+        written.append(pipe.last_output_files)
+    return written
+
+
+def run_generate(args) -> None:
+    """Check every setting, then load the model and write the images."""
+    settings = generate_settings(args)
+    try:
+        image, mask = check_generate_settings(settings)  # before any model loads
+    except ValueError as error:
+        raise _name_flags(error) from error
+    written = _generate_batches(_load_pipeline(settings), settings, image, mask)
+    grids = [files["grid"] for files in written if files["grid"]]
+    grid = f", grid{'s' if len(grids) > 1 else ''} {', '.join(map(str, grids))}" if grids else ""
+    params = ", ".join(str(files["params"]) for files in written)
+    print(f"Wrote {sum(len(files['images']) for files in written)} images{grid} and parameters {params}")

@@ -47,6 +47,8 @@ class GenerationParams:
     strength: float | None = None
     init_image_sha256: str | None = None
     mask_sha256: str | None = None
+    # Text encoder layers skipped at the end (diffusers' numbering; A1111's "Clip skip" is one more). None: none.
+    clip_skip: int | None = None
 
 
 def _check_prompts(prompt, negative_prompt) -> tuple[list[str], list[str]]:
@@ -131,6 +133,9 @@ def check_generation_inputs(
     if not isinstance(per_prompt, int) or isinstance(per_prompt, bool) or per_prompt < 1:
         raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {per_prompt!r}.")
     _check_seed(params.seed, generator, len(prompts) * per_prompt)
+    clip_skip = params.clip_skip
+    if clip_skip is not None and (not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or clip_skip < 0):
+        raise ValueError(f"`clip_skip` must be None or an integer >= 0 (layers skipped), got {clip_skip!r}.")
     if callback is not None and not callable(callback):
         raise ValueError(f"`callback` must be callable as callback(step, timestep, latents), got {callback!r}.")
     if output_type not in OUTPUT_TYPES:

@@ -11,6 +11,7 @@ import logging
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,9 @@ class UpdateGuardMixin:
         """
         t = self.config.training
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        return self.accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+        norm = self.accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+        # Under FSDP2 the gradients are DTensors and so is their norm: every process takes the whole value.
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     def _step(self, skip: bool) -> bool:
         """Step the optimizer unless `skip`; True when the weights were updated (the fp16 GradScaler may skip too)."""

@@ -9,15 +9,12 @@ format, see `ldm_tune.lora_files`) are loaded by diffusers' own loaders into the
 from __future__ import annotations
 
 import inspect
-import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from ldm_tune.components import (
@@ -25,7 +22,6 @@ from ldm_tune.components import (
     checkpoint_unet,
     default_dtype,
     freeze,
-    latents_to_vae_space,
     load_components,
     resolve_device,
     vae_scale_factor,
@@ -46,17 +42,17 @@ from ldm_tune.inference_image import (
     image_sha256,
 )
 from ldm_tune.inference_lora import LoadedLora, LoraMixin
+from ldm_tune.inference_switches import SpeedSwitchesMixin
 from ldm_tune.outputs import save_generation
-from ldm_tune.png_info import unet_weight_files, weights_hash
+from ldm_tune.png_info import run_record, unet_weight_files, weights_hash
+from ldm_tune.prompt_weighting import encode_weighted_prompts
 from ldm_tune.schedulers import canonical_name, make_scheduler
 
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["OUTPUT_TYPES", "GenerationParams", "LDMInference"]
 
 
-class LDMInference(ImageInputsMixin, LoraMixin):
+class LDMInference(ImageInputsMixin, LoraMixin, SpeedSwitchesMixin):
     """Generate images from a Stable-Diffusion-format model.
 
     Args:
@@ -68,7 +64,8 @@ class LDMInference(ImageInputsMixin, LoraMixin):
             (`from_pretrained` finds them; None for a UNet that is not a file, e.g. during training).
 
     LoRAs are added with `load_lora(path, scale)` and weighted with `set_lora_scale`; they are recorded (file,
-    sha256, scale) in the parameters JSON too.
+    sha256, scale) in the parameters JSON too. Memory and speed switches (`enable_vae_slicing`, `enable_vae_tiling`,
+    `enable_attention_slicing`, `enable_model_cpu_offload`, `compile_unet`) are in `ldm_tune.inference_switches`.
     """
 
     def __init__(
@@ -87,6 +84,7 @@ class LDMInference(ImageInputsMixin, LoraMixin):
         self.base_scheduler_config = dict(scheduler_config)
         self.model_name, self.checkpoint = model_name, checkpoint
         self.revision = self.variant = None
+        self.model_config = None  # the config folder of a single-file model (`from_pretrained(config=...)`)
         self.unet_weights = None  # "ema" or "raw" for a training checkpoint's UNet (set by `from_pretrained`)
         self.unet_files, self._model_hash = unet_files, None
         self.loras: list[LoadedLora] = []
@@ -107,8 +105,13 @@ class LDMInference(ImageInputsMixin, LoraMixin):
         variant: str | None = None,
         lora: list[str | os.PathLike | tuple[str | os.PathLike, float]] | str | os.PathLike | None = None,
         use_ema: bool = True,
+        config: str | os.PathLike | None = None,
     ) -> LDMInference:
         """Load a Stable-Diffusion-format folder or hub id, optionally with a training checkpoint's UNet and LoRAs.
+
+        `model` may also be a single-file `.safetensors` (or weights-only `.ckpt`) checkpoint in the original ldm
+        layout; `config` is then a diffusers-format folder of its architecture (default: the shipped SD 1.5 / 2.1
+        configs, see `ldm_tune.single_file`), and the file itself gives the "Model hash".
 
         `device="auto"` picks CUDA, then MPS, then the CPU; the dtype defaults to fp16 on CUDA and fp32 elsewhere.
         `lora` lists LoRAs as paths or `(path, scale)` pairs (see `load_lora`).
@@ -128,6 +131,7 @@ class LDMInference(ImageInputsMixin, LoraMixin):
             revision=revision,
             variant=variant,
             torch_dtype=dtype,
+            config=config,
         )
         scheduler_config = components.scheduler_config
         if trained is not None and trained.prediction_type is not None:  # the trained parameterisation travels
@@ -145,6 +149,7 @@ class LDMInference(ImageInputsMixin, LoraMixin):
             unet_files=unet_weight_files(model, None if trained is None else trained.folder, variant, revision),
         ).to(device)
         pipe.revision, pipe.variant = revision, variant
+        pipe.model_config = None if config is None else str(config)
         pipe.unet_weights = None if trained is None else trained.weights
         for item in [lora] if isinstance(lora, (str, os.PathLike)) else lora or []:
             path, scale = item if isinstance(item, (tuple, list)) else (item, 1.0)
@@ -153,14 +158,16 @@ class LDMInference(ImageInputsMixin, LoraMixin):
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        # Under model CPU offload the models rest on the CPU and run on the offload device.
+        return self._offload_device or self.unet.device
 
     @property
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LDMInference:
-        """Move (and optionally cast) every model."""
+        """Move (and optionally cast) every model; this ends model CPU offload."""
+        self.disable_model_cpu_offload()
         for model in (self.vae, self.text_encoder, self.unet):
             model.to(device) if dtype is None else model.to(device=device, dtype=dtype)
         return self
@@ -188,55 +195,36 @@ class LDMInference(ImageInputsMixin, LoraMixin):
         params = check_generation_inputs(
             params, self.scheduler, self.vae_scale_factor, generator, callback, output_type
         )
+        layers = self.text_encoder.config.num_hidden_layers
+        if params.clip_skip is not None and params.clip_skip >= layers:
+            raise ValueError(f"`clip_skip` must be below the text encoder's {layers} layers, got {params.clip_skip}.")
         if image is not None:
             check_image_count(image, len(params.prompt) * params.num_images_per_prompt)
         return params
 
     # 2. Encode input prompt.
-    def _tokenize(self, texts: list[str]) -> torch.Tensor:
-        max_length = self.tokenizer.model_max_length
-        for text, ids in zip(texts, self.tokenizer(texts).input_ids, strict=True):
-            if len(ids) > max_length:
-                dropped = self.tokenizer.decode(ids[max_length - 1 : -1], skip_special_tokens=True)
-                logger.warning(
-                    "Prompt truncated to the tokenizer limit of %d tokens; dropped: %r (prompt: %r)",
-                    max_length,
-                    dropped,
-                    text,
-                )
-        padded = self.tokenizer(
-            texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-        )
-        return padded.input_ids
-
     def encode_prompt(
-        self, prompts: list[str], negatives: list[str], num_images_per_prompt: int, do_classifier_free_guidance: bool
+        self,
+        prompts: list[str],
+        negatives: list[str],
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        clip_skip: int | None = None,
     ) -> torch.Tensor:
-        """Text embeddings for each image, `[negative; positive]` stacked when guidance is on."""
+        """Text embeddings for each image, `[negative; positive]` stacked when guidance is on.
+
+        Prompts take A1111's emphasis syntax and may be longer than 77 tokens (see `ldm_tune.prompt_weighting`);
+        a plain prompt of one chunk gives exactly diffusers' embeddings. `clip_skip` skips the last layers of the
+        text encoder for the negative prompts too, as A1111 does (diffusers' SD pipeline skips them for the
+        positive prompts only, which huggingface/diffusers PRs #13796 and #13973 report as a bug).
+        """
         texts = negatives + prompts if do_classifier_free_guidance else prompts
-        ids = self._tokenize(texts).to(self.text_encoder.device)
-        embeds = self.text_encoder(ids)[0].to(dtype=self.text_encoder.dtype, device=self.device)
+        embeds = encode_weighted_prompts(self.tokenizer, self.text_encoder, texts, clip_skip)
+        embeds = embeds.to(dtype=self.text_encoder.dtype, device=self.device)
         # Each prompt's embedding repeated num_images_per_prompt times in a row, as the diffusers pipeline does.
         return embeds.repeat_interleave(num_images_per_prompt, dim=0)
 
-    # 3. Prepare latent variables.
-    def prepare_latents(
-        self,
-        batch_size: int,
-        height: int,
-        width: int,
-        dtype: torch.dtype,
-        generator: torch.Generator | list[torch.Generator],
-    ) -> torch.Tensor:
-        """Initial Gaussian latents, scaled by the scheduler's initial sigma (one generator per image for a list)."""
-        shape = (
-            batch_size,
-            self.unet.config.in_channels,
-            height // self.vae_scale_factor,
-            width // self.vae_scale_factor,
-        )
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
-        return latents * self.scheduler.init_noise_sigma
+    # 3. Prepare latent variables: `prepare_start` -> `prepare_latents` (`ldm_tune.inference_image`).
 
     def _extra_step_kwargs(self, generator: torch.Generator | list[torch.Generator], eta: float) -> dict:
         # Schedulers differ in what `step` accepts: only DDIM uses eta, only stochastic samplers a generator. Every
@@ -293,13 +281,7 @@ class LDMInference(ImageInputsMixin, LoraMixin):
                 callback(i, t, latents)
         return latents
 
-    # 5. Decode latents to images.
-    def decode(self, latents: torch.Tensor, output_type: str = "pil"):
-        """Decode latents with the VAE into images of `output_type` (`pil`, `np` or `pt`, values in [0, 1])."""
-        if output_type == "latent":
-            return latents
-        images = self.vae.decode(latents_to_vae_space(self.vae, latents).to(self.vae.dtype), return_dict=False)[0]
-        return self.image_processor.postprocess(images, output_type=output_type)
+    # 5. Decode latents to images: `decode` (`ldm_tune.inference_image`).
 
     @torch.no_grad()
     def generate(
@@ -324,11 +306,14 @@ class LDMInference(ImageInputsMixin, LoraMixin):
         image=None,
         strength: float = 0.8,
         mask_image=None,
+        clip_skip: int | None = None,
     ):
         """Generate images for one prompt or a list of prompts; from an init image (img2img) or inpaint a masked part.
 
         Args:
-            prompt: text, or a list of texts (one batch).
+            prompt: text, or a list of texts (one batch), in A1111's syntax: `(word)`, `(word:1.3)`, `[word]`,
+                `BREAK`, `\\(` for a literal parenthesis; longer than 77 tokens in chunks of 75
+                (`ldm_tune.prompt_weighting`).
             negative_prompt: what to steer away from: one string for all prompts or one per prompt.
             height, width: image size, multiples of the VAE factor (default: the size of `image`, else the UNet's
                 native size).
@@ -351,6 +336,8 @@ class LDMInference(ImageInputsMixin, LoraMixin):
                 sampler's steps, from `image` noised to that level (1: from pure noise).
             mask_image: inpainting mask(s) of the image's size: white (>= 0.5) is repainted, black is kept. A
                 9-channel (inpainting) UNet sees the mask; with a 4-channel UNet the kept part is put back each step.
+            clip_skip: skip this many last layers of the text encoder (diffusers' numbering: 1 uses the pre-final
+                layer, which A1111 calls "Clip skip: 2"); None or 0 skips none.
 
         Returns:
             A list of PIL images (or an array/tensor for `np`/`pt`/`latent`), `num_images_per_prompt` per prompt.
@@ -369,6 +356,7 @@ class LDMInference(ImageInputsMixin, LoraMixin):
             strength=None if image is None else strength,
             init_image_sha256=image_sha256(image),
             mask_sha256=image_sha256(mask_image),
+            clip_skip=clip_skip,
         )
         params = self.check_inputs(params, generator, callback, output_type, image, mask_image)
         batch_size = len(params.prompt) * num_images_per_prompt
@@ -380,7 +368,7 @@ class LDMInference(ImageInputsMixin, LoraMixin):
             seeds = image_seeds(params.seed, batch_size)
             generator = image_generators(seeds)
         do_cfg = guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None
-        embeds = self.encode_prompt(params.prompt, params.negative_prompt, num_images_per_prompt, do_cfg)
+        embeds = self.encode_prompt(params.prompt, params.negative_prompt, num_images_per_prompt, do_cfg, clip_skip)
         start = self.prepare_start(params, batch_size, embeds.dtype, generator, image, mask_image)
         latents, timesteps, inpainting = start
         latents = self.denoise(
@@ -388,9 +376,10 @@ class LDMInference(ImageInputsMixin, LoraMixin):
             timesteps, inpainting,
         )  # fmt: skip
         images = self.decode(latents, output_type)
+        self.offload_models()
         if output_path is not None:
             pil_images = images if output_type == "pil" else self.decode(latents, "pil")
-            record = self._record(params)
+            record = run_record(self, params)
             self.last_output_files = save_generation(
                 pil_images, record, output_path, grid=save_grid, seeds=seeds, keep=save_images
             )
@@ -404,22 +393,3 @@ class LDMInference(ImageInputsMixin, LoraMixin):
         if self._model_hash is None and self.unet_files:
             self._model_hash = weights_hash(self.unet_files)
         return self._model_hash
-
-    def _record(self, params: GenerationParams) -> dict:
-        """Everything needed to reproduce an image: model, checkpoint, sampler and every argument."""
-        return {
-            "model": self.model_name,
-            "model_hash": self.model_hash,
-            "revision": self.revision,
-            "variant": self.variant,
-            "checkpoint": self.checkpoint,
-            "unet_weights": self.unet_weights,
-            "prediction_type": self.scheduler.config.get("prediction_type"),
-            "loras": [asdict(lora) for lora in self.loras],
-            **asdict(params),
-            "scheduler": self.scheduler_name,
-            "scheduler_overrides": self.scheduler_overrides,
-            "scheduler_config": dict(self.scheduler.config),
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "device": str(self.device),
-        }

@@ -1,4 +1,5 @@
-"""img2img and inpainting for `LDMInference`: the image-conditioned steps of its pipeline.
+"""The latent side of `LDMInference`: its start latents, decoding, and the image-conditioned steps (img2img and
+inpainting).
 
 They give the same images as diffusers' `StableDiffusionImg2ImgPipeline` and `StableDiffusionInpaintPipeline` on the
 same components and per-image generator list (tests/test_img2img.py). Each generator is drawn from in the order those
@@ -19,7 +20,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
-from ldm_tune.components import vae_space_to_latents
+from ldm_tune.components import latents_to_vae_space, vae_space_to_latents
 from ldm_tune.generation_params import warn_if_late_start
 
 
@@ -140,7 +141,8 @@ class Inpainting:
 
 
 class ImageInputsMixin:
-    """The img2img / inpainting steps of `LDMInference` (it provides vae, unet, scheduler and the processors)."""
+    """The start latents, decoding and the img2img / inpainting steps of `LDMInference` (it provides vae, unet and
+    scheduler)."""
 
     def _make_processors(self) -> None:
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -148,6 +150,31 @@ class ImageInputsMixin:
         self.mask_processor = VaeImageProcessor(
             vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        generator: torch.Generator | list[torch.Generator],
+    ) -> torch.Tensor:
+        """Initial Gaussian latents, scaled by the scheduler's initial sigma (one generator per image for a list)."""
+        shape = (
+            batch_size,
+            self.unet.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    def decode(self, latents: torch.Tensor, output_type: str = "pil"):
+        """Decode latents with the VAE into images of `output_type` (`pil`, `np` or `pt`, values in [0, 1])."""
+        if output_type == "latent":
+            return latents
+        images = self.vae.decode(latents_to_vae_space(self.vae, latents).to(self.vae.dtype), return_dict=False)[0]
+        return self.image_processor.postprocess(images, output_type=output_type)
 
     def get_timesteps(self, num_inference_steps: int, strength: float) -> torch.Tensor:
         """The last `strength` of the sampler's timesteps (the scheduler's timesteps must be set)."""

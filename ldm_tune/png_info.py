@@ -8,12 +8,12 @@ Every PNG carries two text chunks:
       a red circle <lora:style:0.8>
       Negative prompt: blurry
       Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 512x512,
-      Model hash: 3f9c1b2a4d, Model: sd15, Lora hashes: "style: 0123456789ab", Version: ldm_tune 0.1.0
+      Model hash: 3f9c1b2a4d, Model: sd15, Clip skip: 2, Lora hashes: "style: 0123456789ab", Version: ldm_tune 0.1.0
 
   (one line of fields in the file). Values holding ',', ':' or a newline are JSON-quoted as A1111's
   `infotext_utils.quote` does; the negative prompt line is left out when empty.
 - `ldm_tune`: the full parameters JSON of the run (as in `00000.json`) plus `image`, this image's own record
-  (file, prompt, negative prompt, seed). `ldm-tune generate --from-png FILE` reads it back.
+  (file, prompt, negative prompt, seed). `ldm-tune generate --from-png FILE` reads it back (`recorded_settings`).
 
 Model hash: A1111's "AutoV2" hash is the first 10 hex digits of the sha256 of the checkpoint file. A diffusers
 model is a folder with no single checkpoint file, so the UNet's weights file is hashed (the part fine-tuning
@@ -27,12 +27,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
+import re
 import struct
+from dataclasses import asdict
 from pathlib import Path
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+
+logger = logging.getLogger(__name__)
 
 
 PARAMETERS_KEY = "parameters"
@@ -114,6 +120,8 @@ def unet_weight_files(model, checkpoint=None, variant: str | None = None, revisi
     if checkpoint is not None:
         folder = Path(checkpoint)
         return _weights_in(folder / "unet" if (folder / "unet" / "config.json").is_file() else folder, None)
+    if Path(model).is_file():  # a single-file checkpoint: A1111 hashes the whole file
+        return [Path(model)]
     if Path(model).is_dir():
         return _weights_in(Path(model) / "unet", variant)
     from huggingface_hub import try_to_load_from_cache
@@ -126,6 +134,31 @@ def unet_weight_files(model, checkpoint=None, variant: str | None = None, revisi
 def sampler_display_name(name: str) -> str:
     """A1111's name of a registry sampler (e.g. "DPM++ 2M" for dpm++), or the registry name where it has none."""
     return A1111_SAMPLER_NAMES.get(name, name)
+
+
+def a1111_clip_skip(clip_skip: int | None) -> int | None:
+    """A1111's "Clip skip" of diffusers' `clip_skip`, None where A1111 leaves the field out. A1111 counts the last
+    layer as 1 (`opts.CLIP_stop_at_last_layers`, 1 = no skip), diffusers counts skipped layers: A1111 N is
+    diffusers N - 1. A1111 writes the field only above 1 (`processing.create_infotext`)."""
+    return clip_skip + 1 if clip_skip else None
+
+
+def clip_skip_from_a1111(value) -> int | None:
+    """diffusers' `clip_skip` of A1111's "Clip skip" field (a number or its text; None for 1 or less)."""
+    layers = int(value)
+    return layers - 1 if layers > 1 else None
+
+
+# A1111's `infotext_utils.re_param`: `key: value` or `key: "json, quoted"`, comma-separated.
+_INFOTEXT_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def infotext_fields(text: str) -> dict[str, str]:
+    """The `key: value` fields of the last line of an A1111 `parameters` text (quoted values unquoted)."""
+    fields = {}
+    for key, value in _INFOTEXT_FIELD.findall(text.strip().splitlines()[-1] if text.strip() else ""):
+        fields[key.strip()] = json.loads(value) if value.startswith('"') else value.strip()
+    return fields
 
 
 def _model_name(document: dict) -> str | None:
@@ -155,6 +188,7 @@ def infotext(document: dict, image: dict) -> str:
         "CFG rescale": document.get("guidance_rescale") or None,
         # A1111's img2img/inpaint field; None (left out) for text-to-image.
         "Denoising strength": document.get("strength") if document.get("init_image_sha256") else None,
+        "Clip skip": a1111_clip_skip(document.get("clip_skip")),
         "Lora hashes": ", ".join(f"{name}: {value}" for name, value in hashes.items() if value) or None,
         "Version": f"ldm_tune {document.get('versions', {}).get('ldm_tune', '')}".strip(),
     }
@@ -164,6 +198,29 @@ def infotext(document: dict, image: dict) -> str:
     line = ", ".join(f"{key}: {_quote(value)}" for key, value in fields.items() if value is not None)
     negative_line = f"\nNegative prompt: {negative}" if negative else ""
     return f"{prompt.strip()}{negative_line}\n{line}"
+
+
+def run_record(pipe, params) -> dict:
+    """Everything needed to reproduce the images of one `LDMInference.generate` call (the `ldm_tune` JSON): model,
+    checkpoint, LoRAs, sampler, every argument of `params` and the switches that change pixels."""
+    return {
+        "model": pipe.model_name,
+        "model_hash": pipe.model_hash,
+        "revision": pipe.revision,
+        "variant": pipe.variant,
+        "config": pipe.model_config,
+        "checkpoint": pipe.checkpoint,
+        "unet_weights": pipe.unet_weights,
+        "prediction_type": pipe.scheduler.config.get("prediction_type"),
+        "loras": [asdict(lora) for lora in pipe.loras],
+        **asdict(params),
+        "scheduler": pipe.scheduler_name,
+        "scheduler_overrides": pipe.scheduler_overrides,
+        "scheduler_config": dict(pipe.scheduler.config),
+        "switches": pipe.switches,
+        "dtype": str(pipe.dtype).replace("torch.", ""),
+        "device": str(pipe.device),
+    }
 
 
 def png_metadata(document: dict, image: dict | None, parameters_of: dict | None = None) -> PngInfo:
@@ -208,3 +265,61 @@ def read_generation(path: str | os.PathLike) -> tuple[dict, dict]:
         files = [record.get("file") for record in document.get("images", [])]
         raise ValueError(f"`from_png` {str(path)!r} is a grid; pass one of its images: {files}.")
     return document, image
+
+
+def recorded_settings(path: str | os.PathLike, replay: bool) -> dict:
+    """The `ldm-tune generate` settings of one image from its PNG (`--from-png`).
+
+    With `replay`, the whole call the image was made in (all its prompts and images, from the same first seed),
+    of which only this image is written: batched matrix products round differently at other batch sizes (about
+    3e-6 here, sometimes one level of 255), so only the same batch gives the very same pixels. Without it, the
+    image alone from its own seed.
+    """
+    document, image = read_generation(path)
+    if image.get("seed") is None:
+        raise ValueError(f"`from_png` {path!r} was made with an explicit `generator`, not a seed: its noise is not "
+                         "recorded, so it cannot be made again.")  # fmt: skip
+    loras = document.get("loras") or []
+    for lora in loras:
+        if Path(lora["path"]).is_file() and file_sha256(lora["path"]) != lora.get("sha256"):
+            logger.warning("LoRA %s has changed since %s was made (sha256 differs).", lora["path"], path)
+    return {
+        "model": document.get("model"),
+        "checkpoint": document.get("checkpoint"),
+        "use_ema": document.get("unet_weights") != "raw",
+        "revision": document.get("revision"),
+        "variant": document.get("variant"),
+        "config": document.get("config"),
+        "lora": [(lora["path"], lora["scale"]) for lora in loras],
+        "scheduler": document["scheduler"],
+        "scheduler_arg": dict(document.get("scheduler_overrides") or {}),
+        "prompt": [image["prompt"]],
+        "negative_prompt": image.get("negative_prompt", ""),
+        "height": document["height"],
+        "width": document["width"],
+        "steps": document["num_inference_steps"],
+        "guidance": document["guidance_scale"],
+        "guidance_rescale": document["guidance_rescale"],
+        "eta": document["eta"],
+        "seed": image["seed"],
+        "clip_skip": document.get("clip_skip"),
+        # Switches that change pixels come back on (compile does not: it changes rounding only on some hardware).
+        "vae_tiling": (document.get("switches") or {}).get("vae_tiling"),
+        "attention_slicing": (document.get("switches") or {}).get("attention_slicing"),
+        "strength": document.get("strength"),
+        "recorded_image_sha256": {"image": document.get("init_image_sha256"), "mask": document.get("mask_sha256")},
+        "num_images": 1,
+        "recorded_dtype": document.get("dtype"),
+        "recorded_device": document.get("device"),
+        **(_recorded_call(document, image) if replay else {}),
+    }
+
+
+def _recorded_call(document: dict, image: dict) -> dict:
+    return {
+        "prompt": document["prompt"],
+        "negative_prompt": document["negative_prompt"],
+        "num_images": document["num_images_per_prompt"],
+        "seed": document["seed"],
+        "save_images": [image["batch_index"]],
+    }

@@ -25,7 +25,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ldm_tune.checkpointing import CheckpointManager, TrainState, check_layout, write_model_card
-from ldm_tune.components import freeze, load_components, save_model_folder, vae_space_to_latents
+from ldm_tune.components import freeze, load_components, save_model_folder
 from ldm_tune.config import TrainConfig, save_config, to_dict
 from ldm_tune.data.dataset import STREAM_MODEL, item_seed
 from ldm_tune.data.loaders import build_loaders
@@ -34,6 +34,8 @@ from ldm_tune.finetune import LORA_WEIGHT_NAME, make_method
 from ldm_tune.guards import NonFiniteLossError, UpdateGuardMixin
 from ldm_tune.io_utils import save_atomically
 from ldm_tune.losses import denoising_loss, draw
+from ldm_tune.pixel_space import make_space
+from ldm_tune.sharding import check_sharded_training, gathered_copy, is_sharded
 from ldm_tune.tracking import MetricsLogger, make_accelerator_trackers
 from ldm_tune.validation import ValidationMixin
 
@@ -54,8 +56,23 @@ class Trainer(ValidationMixin, UpdateGuardMixin):
         return self.model
 
     def saved_module(self, model):
-        """The diffusers model inside a prepared (DDP-wrapped) one: what checkpoints and exports save."""
-        return self.accelerator.unwrap_model(model)
+        """The diffusers model inside a prepared (DDP-wrapped) one: what checkpoints and exports save.
+
+        Under FSDP, inside `gathered()`: the gathered whole copy (see ldm_tune.sharding)."""
+        return self._gathered if self._gathered is not None else self.accelerator.unwrap_model(model)
+
+    @contextlib.contextmanager
+    def gathered(self, everywhere: bool = False):
+        """Every process enters: under FSDP the trained model's full weights are gathered (a collective) so that
+        `saved_module` gives a whole model on the main process (on every one with `everywhere`); else a no-op."""
+        if not is_sharded(self.accelerator):
+            yield
+            return
+        self._gathered = gathered_copy(self.accelerator, self.model, self.model_cls, everywhere)
+        try:
+            yield
+        finally:
+            self._gathered = None
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -77,6 +94,8 @@ class Trainer(ValidationMixin, UpdateGuardMixin):
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
             ),
         )
+        self._gathered = None
+        check_sharded_training(self.accelerator, config)
         self.checkpoints = CheckpointManager(
             self.accelerator, self.output_dir, config.checkpointing.checkpoints_total_limit
         )
@@ -126,6 +145,8 @@ class Trainer(ValidationMixin, UpdateGuardMixin):
         self.vae = components.vae.to(self.accelerator.device, dtype=self.weight_dtype)
         self.text_encoder = components.text_encoder.to(self.accelerator.device, dtype=self.weight_dtype)
         self.model = components.unet
+        # What the UNet diffuses: VAE latents, or the pixels themselves (`model.space`, see ldm_tune.pixel_space).
+        self.space = make_space(m.space, self.vae, self.model, self.weight_dtype)
         # What trains (the UNet's weights, or LoRA adapters) is decided by the method, see ldm_tune.finetune.
         self.method = make_method(self)
         self.trained_models = self.method.setup()
@@ -300,17 +321,13 @@ class Trainer(ValidationMixin, UpdateGuardMixin):
         unet, text_encoder = self.model, self.text_encoder
         if not distributed:
             unwrap = self.accelerator.unwrap_model
-            unet, text_encoder = unwrap(unet), None if text_encoder is None else unwrap(text_encoder)
+            unet, text_encoder = self.saved_module(unet), None if text_encoder is None else unwrap(text_encoder)
         with torch.no_grad():
-            if "latent_mean" in batch:
-                mean, std = batch["latent_mean"], batch["latent_std"]
-            else:
-                posterior = self.vae.encode(batch["pixel_values"].to(self.weight_dtype)).latent_dist
-                mean, std = posterior.mean, posterior.std
+            mean, std = self.space.moments(batch)  # the posterior of x0: VAE latents, or the pixels (std 0)
             steps = self.noise_scheduler.config.num_train_timesteps
             draws = draw(batch["keys"].cpu(), tuple(mean.shape[1:]), steps, seed, t.noise_offset, t.input_perturbation)
             eps = draws.posterior_eps.to(mean.device, mean.dtype)
-            latents = vae_space_to_latents(self.vae, mean + std * eps).float()
+            latents = self.space.to_x0(mean + std * eps).float()
         if "encoder_hidden_states" in batch:
             encoder_hidden_states = batch["encoder_hidden_states"].to(self.weight_dtype)
         else:  # outside no_grad: a text encoder with LoRA adapters trains (a frozen one records no graph)
@@ -372,14 +389,14 @@ class Trainer(ValidationMixin, UpdateGuardMixin):
             self.ema.restore(params)
 
     def _save_model(self, folder: Path, info: dict) -> None:
-        if self.accelerator.is_main_process:
+        with self._ema_weights(), self.gathered():
+            if self.accelerator.is_main_process:
 
-            def write(tmp: Path) -> None:
-                with self._ema_weights():
+                def write(tmp: Path) -> None:
                     self.method.save_weights(tmp)
-                (tmp / "info.json").write_text(json.dumps(info, indent=2))
+                    (tmp / "info.json").write_text(json.dumps(info, indent=2))
 
-            save_atomically(write, folder)
+                save_atomically(write, folder)
         self.accelerator.wait_for_everyone()
 
     def save(self) -> Path:
@@ -397,9 +414,10 @@ class Trainer(ValidationMixin, UpdateGuardMixin):
                    "best_val_step": state.best_val_step, "nonfinite_total": state.nonfinite_total,
                    "prediction_type": self.prediction_type, "num_processes": acc.num_processes,
                    "finetune_method": self.config.training.finetune_method}  # fmt: skip
-        if acc.is_main_process:
-            with self._ema_weights():
+        with self._ema_weights(), self.gathered():
+            if acc.is_main_process:
                 summary.update(self.method.export())
+        if acc.is_main_process:
             write_model_card(self.output_dir / "README.md", to_dict(self.config), summary)
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         acc.wait_for_everyone()

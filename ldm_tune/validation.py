@@ -11,6 +11,7 @@ from transformers import CLIPTextModel
 
 from ldm_tune.components import freeze
 from ldm_tune.inference import LDMInference
+from ldm_tune.pixel_space import PixelInference
 from ldm_tune.tracking import log_images
 
 
@@ -19,7 +20,9 @@ class ValidationMixin:
         """Validation loss with fixed noise and timesteps (keyed by the validation seed), comparable across steps."""
         if self.val_loader is None:
             return None
-        with torch.no_grad(), self._eval_mode(), self._ema_weights():
+        # Under FSDP a forward is a collective and batch counts differ between processes: every process runs a
+        # gathered whole copy instead (see ldm_tune.sharding).
+        with torch.no_grad(), self._eval_mode(), self._ema_weights(), self.gathered(everywhere=True):
             return self.reduce_mean(
                 self.compute_losses(batch, seed=self.config.validation.validation_seed, distributed=False)
                 for batch in self.val_loader
@@ -52,24 +55,28 @@ class ValidationMixin:
         self.make_validation_images()
 
     def make_validation_images(self) -> None:
+        if self.config.validation.validation_prompts:
+            with self._ema_weights(), self.gathered():  # every process: under FSDP the weights are gathered first
+                if self.accelerator.is_main_process:
+                    self._validation_images(self.saved_module(self.model))
+        self.accelerator.wait_for_everyone()
+
+    def _validation_images(self, unet) -> None:
         v = self.config.validation
-        if not v.validation_prompts or not self.accelerator.is_main_process:
-            self.accelerator.wait_for_everyone()
-            return
-        unet = self.accelerator.unwrap_model(self.model)
         text_encoder = self._load_text_encoder() if self.text_encoder is None else self.text_encoder
         text_encoder = self.accelerator.unwrap_model(text_encoder)  # the DDP-wrapped one when its LoRA trains
-        pipe = LDMInference(self.vae, text_encoder, self.tokenizer, unet, self.scheduler_config,
+        # A pixel-space UNet samples images directly (same prompts, CFG and sampler code, no VAE decode).
+        pipeline_cls = PixelInference if self.config.model.space == "pixel" else LDMInference
+        pipe = pipeline_cls(self.vae, text_encoder, self.tokenizer, unet, self.scheduler_config,
                             scheduler=v.validation_scheduler, model_name=self.config.model.pretrained_model_name_or_path,
                             checkpoint=f"step {self.state.global_step}")  # fmt: skip
-        with self._eval_mode(), self._ema_weights(), self.accelerator.autocast():
+        with self._eval_mode(), self.accelerator.autocast():
             images = pipe.generate(v.validation_prompts, negative_prompt=v.validation_negative_prompt,
                                    num_inference_steps=v.validation_inference_steps,
                                    guidance_scale=v.validation_guidance_scale, num_images_per_prompt=v.num_validation_images,
                                    seed=v.validation_seed, output_path=self.output_dir / "samples" / f"step-{self.state.global_step}",
                                    save_grid=True, progress=False)  # fmt: skip
         log_images(self.accelerator, images, v.validation_prompts, v.num_validation_images, self.state.global_step)
-        self.accelerator.wait_for_everyone()
 
     def _load_text_encoder(self):
         # With cached text embeddings the text encoder is not kept during training; validation images need it.

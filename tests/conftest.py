@@ -32,13 +32,21 @@ def tiny_pipe(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
-def sd_pipeline(tiny_model_dir):
-    """diffusers' own StableDiffusionPipeline on the same folder: the reference our inference must match."""
+def _sd_pipeline_once(tiny_model_dir):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture
+def sd_pipeline(_sd_pipeline_once):
+    """diffusers' own StableDiffusionPipeline on the same folder: the reference our inference must match. Loaded once;
+    a test may swap its scheduler, which is set back after the test."""
+    scheduler = _sd_pipeline_once.scheduler
+    yield _sd_pipeline_once
+    _sd_pipeline_once.scheduler = scheduler
 
 
 @pytest.fixture(scope="session")

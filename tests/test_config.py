@@ -137,7 +137,7 @@ def test_shipped_configs_are_valid(name, monkeypatch):
     assert config.output_dir
 
 
-@pytest.mark.parametrize("name", ["cpu", "1gpu-fp16", "multi-gpu", "deepspeed-zero2"])
+@pytest.mark.parametrize("name", ["cpu", "1gpu-fp16", "multi-gpu", "deepspeed-zero2", "fsdp"])
 def test_shipped_accelerate_configs_parse(name):
     from pathlib import Path
 

@@ -45,10 +45,10 @@ def pipe(tiny_pipe):
 
 
 @pytest.fixture(scope="module")
-def img2img_reference(sd_pipeline):
+def img2img_reference(_sd_pipeline_once):
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    reference = StableDiffusionImg2ImgPipeline(**sd_pipeline.components)
+    reference = StableDiffusionImg2ImgPipeline(**_sd_pipeline_once.components)
     reference.set_progress_bar_config(disable=True)
     return reference
 
@@ -69,14 +69,14 @@ def inpaint_model_dir(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def inpaint_pipes(tiny_pipe, sd_pipeline, inpaint_model_dir):
+def inpaint_pipes(tiny_pipe, _sd_pipeline_once, inpaint_model_dir):
     """{unet channels: (ours, diffusers' StableDiffusionInpaintPipeline)} on the same components."""
     from diffusers import StableDiffusionInpaintPipeline
 
     nine = LDMInference.from_pretrained(inpaint_model_dir, device="cpu")
     pipes = {}
     for channels, ours in ((4, tiny_pipe), (9, nine)):
-        components = {**sd_pipeline.components, "unet": ours.unet}
+        components = {**_sd_pipeline_once.components, "unet": ours.unet}
         reference = StableDiffusionInpaintPipeline(**components)
         reference.set_progress_bar_config(disable=True)
         pipes[channels] = ours, reference

@@ -105,17 +105,6 @@ def test_callback_receives_step_timestep_latents(pipe):
     assert torch.equal(seen[-1][2], final) and seen[0][2].shape == (1, 4, 16, 16)
 
 
-def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
-    long_prompt = " ".join(["word"] * 200)
-    with caplog.at_level("WARNING", logger="ldm_tune.inference"):
-        pipe.generate(long_prompt, seed=0, num_inference_steps=1, progress=False)
-    assert "truncated" in caplog.text and "77 tokens" in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="ldm_tune.inference"):
-        pipe.generate("short", seed=0, num_inference_steps=1, progress=False)
-    assert "truncated" not in caplog.text
-
-
 @pytest.mark.parametrize(
     "kwargs, message",
     [
