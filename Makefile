@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= outputs/demo
 
-.PHONY: install quality style test demo demo-quick bench compare train-tiny clean
+.PHONY: install quality style test demo demo-quick bench bench-quick compare train-tiny clean
 
 # torch first: `torch==2.13.0` resolves to the local CPU wheel here; a bare `torch` would pull a CUDA build.
 $(STAMP): pyproject.toml
@@ -44,6 +44,13 @@ bench: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_lora.py --out outputs/bench/lora.json
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_corpus.py --out outputs/bench/corpus.json
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_fuzz.py --cases 10000 --out outputs/bench/fuzz.json
+
+# The same tables in a few minutes (tiny preset only, fewer samplers, steps and repeats): for a first look.
+bench-quick: install
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_inference.py --quick --out outputs/bench/inference-quick.json
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_training.py --steps 20 --warmup 5 --repeats 1 \
+		--out outputs/bench/training-quick.json
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_lora.py --presets tiny --out outputs/bench/lora-quick.json
 
 # Pixel-space DDPM against the LDM on the demo's shapes world: same trainer, same training time (compare.md/.json/.png).
 compare: install

@@ -1,9 +1,15 @@
 """Inference speed: `LDMInference.generate` next to diffusers' `StableDiffusionPipeline`, measured in one run.
 
-Tiny preset, 64 px, 4 images, 30 steps, guidance 7.5, fp32 on the CPU. Both run on the same components and
-scheduler, alternating call by call so that machine drift hits both alike; medians are reported. Also times the
-whole `ldm-tune generate` command (start-up included). Prints the machine and its fp32 matmul ceiling, and writes
-JSON. Usage: python benchmarks/bench_inference.py [--repeats 5] [--out outputs/bench/inference.json]
+Two settings (issue 17): the tiny preset at 64 px, 4 images, 30 steps, guidance 7.5, every sampler of the registry;
+and the sd15-arch preset (the SD 1.5 architecture, random weights) at 256 px, 1 image, 10 DDIM steps. Each pipeline
+is loaded from the same folder as a user loads it, on the same
+scheduler, alternating call by call so that machine drift hits both alike; medians are reported with the max pixel
+difference between the two (images in [0, 1]). Then the levers, on our pipeline against its own default images:
+channels-last weights, and bf16 autocast (this CPU may have AVX-512-BF16/AMX: measured, not assumed). Also times
+the whole `ldm-tune generate` command. Prints the machine and its fp32 matmul ceiling, a markdown table, and writes
+JSON.
+Usage: python benchmarks/bench_inference.py [--repeats 5] [--quick] [--out outputs/bench/inference.json]
+(`--quick`: the tiny preset only, 3 samplers, 3 repeats.)
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -82,78 +89,145 @@ def time_call(fn) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--schedulers", default="dpm++,ddim,euler_a")
-    parser.add_argument("--out", default="outputs/bench/inference.json")
-    args = parser.parse_args()
+SETTINGS = {
+    "tiny": {"height": 64, "width": 64, "num_images_per_prompt": 4, "num_inference_steps": 30, "guidance_scale": 7.5},
+    "sd15-arch": {"height": 256, "width": 256, "num_images_per_prompt": 1, "num_inference_steps": 10,
+                  "guidance_scale": 7.5},
+}  # fmt: skip
+QUICK_SAMPLERS = ("dpm++", "ddim", "euler_a")
 
+
+def _pipelines(preset: str, work: Path):
+    """Our pipeline and diffusers', each loaded from the same folder as users load it."""
     from diffusers import StableDiffusionPipeline
 
     from ldm_tune.inference import LDMInference
     from ldm_tune.presets import init_model
-    from ldm_tune.schedulers import make_scheduler
 
-    machine = describe_machine()
-    work = Path(tempfile.mkdtemp(prefix="ldm-bench-"))
-    model = init_model("tiny", work / "tiny", seed=0)
+    model = init_model(preset, work / preset, seed=0)
     ours = LDMInference.from_pretrained(model, device="cpu")
     theirs = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
     theirs.set_progress_bar_config(disable=True)
-    call = {"prompt": "a red circle", "num_inference_steps": 30, "guidance_scale": 7.5, "num_images_per_prompt": 4}
+    return model, ours, theirs
 
+
+def _timed(fn, repeats: int) -> tuple[list[float], object]:
+    result = fn(0)  # warm-up; its images are the ones compared
+    return [time_call(lambda i=i: fn(i + 1)) for i in range(repeats)], result
+
+
+def sampler_row(ours, theirs, name: str, call: dict, repeats: int) -> dict:
+    """ours vs diffusers for one sampler: alternating calls, medians, and the max pixel difference."""
+    from ldm_tune.schedulers import make_scheduler
+
+    ours.set_scheduler(name)
+    theirs.scheduler = make_scheduler(name, ours.base_scheduler_config)
+    count = call["num_images_per_prompt"]
+
+    def run_ours(seed):
+        return ours.generate("a red circle", seed=seed, progress=False, output_type="np", **call)
+
+    def run_theirs(seed):  # our per-image seeds (seed + i on CPU generators), as diffusers takes them
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
+        return theirs("a red circle", generator=generators, output_type="np", **call).images
+
+    a, b = run_ours(0), run_theirs(0)
+    t_ours, t_theirs = [], []
+    for i in range(repeats):  # alternating, so that drift hits both alike
+        t_ours.append(time_call(lambda i=i: run_ours(i + 1)))
+        t_theirs.append(time_call(lambda i=i: run_theirs(i + 1)))
+    ips_ours, ips_theirs = count / statistics.median(t_ours), count / statistics.median(t_theirs)
+    return {"sampler": name, "ldm_tune_images_per_s": round(ips_ours, 3), "diffusers_images_per_s": round(ips_theirs, 3),
+            "ratio": round(ips_ours / ips_theirs, 3), "max_pixel_diff": float(np.abs(a - b).max()),
+            "ldm_tune_s": [round(t, 4) for t in t_ours], "diffusers_s": [round(t, 4) for t in t_theirs]}  # fmt: skip
+
+
+def lever_rows(ours, name: str, call: dict, repeats: int, reference_ips: float) -> list[dict]:
+    """Each lever on our pipeline: images/s, the ratio to diffusers' fp32 figure, and the max pixel difference to our
+    own fp32 images (1/255 = 0.0039 is the tolerance the issue sets unless the table says otherwise)."""
+    import contextlib
+
+    ours.set_scheduler(name)
+    count = call["num_images_per_prompt"]
+
+    def run(seed):
+        return ours.generate("a red circle", seed=seed, progress=False, output_type="np", **call)
+
+    base = run(0)
+    # (context, switch on, switch off)
+    levers = {
+        "channels_last": (contextlib.nullcontext, ours.enable_channels_last, ours.disable_channels_last),
+        "bf16 autocast": (lambda: torch.autocast("cpu", torch.bfloat16), lambda: None, lambda: None),
+    }
     rows = []
-    for name in args.schedulers.split(","):
-        ours.set_scheduler(name)
-        theirs.scheduler = make_scheduler(name, ours.base_scheduler_config)
+    for lever, (context, switch_on, switch_off) in levers.items():
+        switch_on()
+        with context():
+            times, images = _timed(run, repeats)
+        switch_off()
+        ips = count / statistics.median(times)
+        rows.append({"lever": lever, "sampler": name, "images_per_s": round(ips, 3),
+                     "ratio_to_diffusers": round(ips / reference_ips, 3),
+                     "max_pixel_diff_to_fp32": float(np.abs(images - base).max())})  # fmt: skip
+    return rows
 
-        def run_ours(seed):
-            return ours.generate(seed=seed, progress=False, **call)
 
-        def run_theirs(seed):
-            return theirs(generator=torch.Generator("cpu").manual_seed(seed), **call)
+def print_table(machine: dict, results: dict) -> None:
+    print(f"\n{time.strftime('%Y-%m-%d')}, {machine['cpu']}, {machine['threads']} threads, AVX-512 "
+          f"{machine['avx512']}, fp32 matmul ceiling {machine['fp32_matmul_gflops']} GFLOP/s")  # fmt: skip
+    print("| preset | sampler | ldm_tune img/s | diffusers img/s | ours / diffusers | max pixel diff |")
+    print("|---|---|---:|---:|---:|---:|")
+    for preset, block in results.items():
+        for r in block["rows"]:
+            print(f"| {preset} | {r['sampler']} | {r['ldm_tune_images_per_s']:.3f} | {r['diffusers_images_per_s']:.3f} "
+                  f"| x{r['ratio']:.2f} | {r['max_pixel_diff']:.1e} |")  # fmt: skip
+    print("\n| preset | lever (sampler) | img/s | / diffusers fp32 | max pixel diff to our fp32 |")
+    print("|---|---|---:|---:|---:|")
+    for preset, block in results.items():
+        for r in block["levers"]:
+            print(f"| {preset} | {r['lever']} ({r['sampler']}) | {r['images_per_s']:.3f} | "
+                  f"x{r['ratio_to_diffusers']:.2f} | {r['max_pixel_diff_to_fp32']:.1e} |")  # fmt: skip
 
-        run_ours(0), run_theirs(0)  # warm-up
-        t_ours, t_theirs = [], []
-        for i in range(args.repeats):
-            t_ours.append(time_call(lambda i=i: run_ours(i)))
-            t_theirs.append(time_call(lambda i=i: run_theirs(i)))
-        ips_ours = 4 / statistics.median(t_ours)
-        ips_theirs = 4 / statistics.median(t_theirs)
-        rows.append(
-            {
-                "scheduler": name,
-                "ldm_tune_images_per_s": round(ips_ours, 2),
-                "diffusers_images_per_s": round(ips_theirs, 2),
-                "ratio": round(ips_ours / ips_theirs, 3),
-                "ldm_tune_s": [round(t, 4) for t in t_ours],
-                "diffusers_s": [round(t, 4) for t in t_theirs],
-            }
-        )
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="tiny preset only, 3 samplers, 3 repeats")
+    parser.add_argument("--out", default="outputs/bench/inference.json")
+    args = parser.parse_args()
+    from ldm_tune.schedulers import scheduler_names
+
+    machine = describe_machine()
+    work = Path(tempfile.mkdtemp(prefix="ldm-bench-"))
+    repeats = 3 if args.quick else args.repeats
+    plan = {"tiny": QUICK_SAMPLERS if args.quick else scheduler_names()}
+    if not args.quick:
+        plan["sd15-arch"] = ("ddim",)
+    results = {}
+    for preset, samplers in plan.items():
+        call = SETTINGS[preset]
+        model, ours, theirs = _pipelines(preset, work)
+        rows = [sampler_row(ours, theirs, name, call, repeats if preset == "tiny" else 3) for name in samplers]
+        levers = lever_rows(ours, rows[0]["sampler"], call, repeats if preset == "tiny" else 3,
+                            rows[0]["diffusers_images_per_s"])  # fmt: skip
+        results[preset] = {"setting": call, "rows": rows, "levers": levers, "model": str(model)}
+        del ours, theirs
 
     cli = [
         str(Path(sys.executable).parent / "ldm-tune"),
-        "generate", "--model", str(model), "--prompt", "a red circle", "--steps", "30", "--num-images", "4",
-        "--seed", "0", "--out", str(work / "cli"),
+        "generate", "--model", results["tiny"]["model"], "--prompt", "a red circle", "--steps", "30",
+        "--num-images", "4", "--seed", "0", "--out", str(work / "cli"),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cli_times = [time_call(lambda: subprocess.run(cli, check=True, env=env, capture_output=True)) for _ in range(3)]
-
-    print(f"\ntiny preset, 64 px, 4 images, 30 steps, guidance 7.5, fp32; median of {args.repeats} calls each")
-    print(f"{'scheduler':<10} {'ldm_tune img/s':>15} {'diffusers img/s':>16} {'ratio':>7}")
-    for row in rows:
-        print(
-            f"{row['scheduler']:<10} {row['ldm_tune_images_per_s']:>15.2f} {row['diffusers_images_per_s']:>16.2f}"
-            f" {row['ratio']:>7.3f}"
-        )
-    cli_median = statistics.median(cli_times)
-    print(f"`ldm-tune generate` whole command (start-up + load + 4 images, dpm++): {cli_median:.2f} s median of 3")
+    print_table(machine, results)
+    print(f"`ldm-tune generate` whole command (start-up + load + 4 images, dpm++): {statistics.median(cli_times):.2f} s"
+          " median of 3")  # fmt: skip
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine, "setting": call, "repeats": args.repeats, "rows": rows}
-    result["cli_command_s"] = [round(t, 3) for t in cli_times]
+    result = {"machine": machine, "repeats": repeats, "quick": args.quick, "presets": results,
+              "cli_command_s": [round(t, 3) for t in cli_times]}  # fmt: skip
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
 

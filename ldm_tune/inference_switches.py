@@ -11,6 +11,9 @@ accelerate or torch.
 - `enable_model_cpu_offload` (CUDA): accelerate's `cpu_offload_with_hook`, chained text encoder -> UNet -> VAE as
   `DiffusionPipeline.enable_model_cpu_offload` does: each model moves to the GPU when it is called and back to the
   CPU when the next one is, so one model at a time takes GPU memory.
+- `enable_channels_last`: the UNet's and VAE's weights in channels-last (NHWC) memory order, which oneDNN's CPU
+  convolutions take without reordering. Off by default: `make bench` measured +7 % images/s on the tiny preset but
+  -17 % on the SD 1.5 architecture at 256 px (2026-12-01, Xeon AVX-512), images within 7.2e-6.
 - `compile_unet`: `torch.compile` of the UNet in place (`nn.Module.compile`): the module keeps its type, config and
   LoRA loading; the first call compiles.
 
@@ -98,6 +101,15 @@ class SpeedSwitchesMixin:
         """Under model CPU offload, send every model back to the CPU (diffusers' `maybe_free_model_hooks`)."""
         for hook in self._offload_hooks:
             hook.offload()
+
+    def enable_channels_last(self) -> None:
+        """Keep the UNet's and VAE's weights in channels-last memory order (see the module docstring)."""
+        for model in (self.unet, self.vae):
+            model.to(memory_format=torch.channels_last)
+
+    def disable_channels_last(self) -> None:
+        for model in (self.unet, self.vae):
+            model.to(memory_format=torch.contiguous_format)
 
     def compile_unet(self, mode: str | None = None, fullgraph: bool = False) -> None:
         """`torch.compile` the UNet in place; `mode` as torch.compile ("reduce-overhead" uses CUDA graphs,

@@ -117,3 +117,17 @@ def test_vae_tiling_is_recorded_and_comes_back_with_from_png(tiny_model_dir, tmp
     assert run_cli("--from-png", original, "--out", tmp_path / "b") == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "b" / "00000-00.png")), np.asarray(Image.open(original)))
     assert json.loads((tmp_path / "b" / "00000.json").read_text())["switches"] == record["switches"]
+
+
+def test_channels_last_changes_the_memory_order_not_the_images(pipe):
+    # Off by default (benchmarks/bench_inference.py: faster on the tiny preset, slower on the SD 1.5 architecture).
+    assert pipe.unet.conv_in.weight.is_contiguous()
+    default = batch(pipe)
+    pipe.enable_channels_last()
+    try:
+        for weight in (pipe.unet.conv_in.weight, pipe.vae.decoder.conv_in.weight):
+            assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+        assert np.abs(batch(pipe) - default).max() <= 1e-5
+    finally:
+        pipe.disable_channels_last()
+    assert pipe.unet.conv_in.weight.is_contiguous()
