@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,43 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def has_avx512() -> bool:
-    try:
-        return "avx512f" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """fp32 `torch.matmul` throughput, the ceiling this machine gives our kernels."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.matmul(a, b)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
+from ldm_tune.machine import describe_machine as measure_machine
+from ldm_tune.machine import machine_line
 
 
 def describe_machine() -> dict:
     """The CPU, its thread count and measured fp32 matmul ceiling: printed with, and stored beside, every figure."""
-    machine = {"cpu": cpu_name(), "avx512": has_avx512(), "threads": torch.get_num_threads(),
-               "fp32_matmul_gflops": round(matmul_gflops(), 1), "torch": torch.__version__,
-               "python": platform.python_version()}  # fmt: skip
-    print(f"machine: {machine['cpu']}, {machine['threads']} threads, AVX-512 {machine['avx512']}, "
-          f"fp32 matmul ceiling {machine['fp32_matmul_gflops']} GFLOP/s")  # fmt: skip
+    machine = measure_machine()
+    print(f"machine: {machine_line(machine)}")
     return machine
 
 

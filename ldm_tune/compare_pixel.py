@@ -201,8 +201,9 @@ def compare_spaces(
 
     `vae`: a trained VAE's model folder to reuse (the demo's `vae/pipeline`); None trains one here.
     """
-    from ldm_tune.compare_report import describe_machine, write_chart, write_markdown
+    from ldm_tune.compare_report import write_chart, write_markdown
     from ldm_tune.demo import add_time
+    from ldm_tune.machine import describe_machine
     from ldm_tune.pixel_space import make_pixel_model
     from ldm_tune.presets import DEMO_UNET
 

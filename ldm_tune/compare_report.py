@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import platform
 import statistics
 import subprocess
 import sys
@@ -21,46 +20,11 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from ldm_tune.demo_report import PeakMemory
+from ldm_tune.machine import machine_line
 
 
 GUIDANCE = 5.0
 SPACE_LABELS = {"latent": "latent (LDM)", "pixel": "pixel (DDPM)"}
-
-
-# ----------------------------------------------------------------------------------------------------- machine
-# Copied from benchmarks/bench_inference.py (`benchmarks/` is not part of the installed package).
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def has_avx512() -> bool:
-    try:
-        return "avx512f" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """fp32 `torch.matmul` throughput, the ceiling this machine gives our kernels."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.matmul(a, b)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
-
-
-def describe_machine() -> dict:
-    return {"cpu": cpu_name(), "avx512": has_avx512(), "threads": torch.get_num_threads(),
-            "fp32_matmul_gflops": round(matmul_gflops(), 1), "torch": torch.__version__}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ measurements
@@ -280,8 +244,7 @@ def write_markdown(out: Path, results: dict) -> Path:
     vae = results["vae"]
     lines = [
         "# Pixel-space diffusion (DDPM) against latent diffusion (LDM) on the shapes world", "",
-        f"Machine: {m['cpu']}, {m['threads']} threads, AVX-512 {m['avx512']}, fp32 matmul ceiling "
-        f"{m['fp32_matmul_gflops']} GFLOP/s, torch {m['torch']}.", "",
+        f"Machine: {machine_line(m)}.", "",
         f"Both UNets have the demo preset's width (block_out_channels {results['unet_width']}), the same text "
         f"encoder and tokenizer, caption dropout {s['caption_dropout']}, AdamW at the same learning rate and "
         f"schedule, batch {s['batch_size']}, and were trained by the same trainer (`model.space`) for the same "

@@ -17,6 +17,7 @@ from ldm_tune.components import vae_space_to_latents
 from ldm_tune.data.shapes import NEW_COLORS, SHAPES
 from ldm_tune.evaluation import default_prompts, evaluate, format_table, score
 from ldm_tune.inference import LDMInference
+from ldm_tune.machine import describe_machine, machine_line
 from ldm_tune.plots import line_chart, strip
 from ldm_tune.tracking import read_metrics
 
@@ -185,7 +186,7 @@ def write_report(out: Path, s, summaries: dict) -> dict:
     by_guidance = {r["guidance"]: r for r in base["rows"]}
     timings = add_time(out, "evaluation", time.perf_counter() - started, replace=True)
     results = {
-        "wall_seconds": sum(timings.values()), "timings": timings,
+        "wall_seconds": sum(timings.values()), "timings": timings, "machine": describe_machine(),
         "vae_psnr": summaries["vae"].get("val_psnr"), "base": base["rows"], "samplers": rows,
         "new_concept_before": new_before["rows"][0]["joint"], "new_concept_after": new_after["rows"][0]["joint"],
         "old_after_finetune": old_after["rows"][0]["joint"], "old_before_finetune": by_guidance[5.0]["joint"],
@@ -218,6 +219,8 @@ def _write_markdown(out: Path, s, r: dict, base: dict, rows: list[dict], curves:
         f"Wall time: **{r['wall_seconds'] / 60:.1f} min** (target <= 10 min on 2 CPU cores: "
         f"{_target(r['wall_seconds'] <= 600)}), summed over resumed runs: "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in r["timings"].items()) + ".", "",
+        # Hosts differ ~3x in speed: the time is comparable across them through the measured ceiling.
+        f"Machine: {machine_line(r['machine'])}.", "",
         "## Accuracy on the colour x shape prompts (DDIM, guidance per row)", "", format_table(base), "",
         "| target | measured | |", "|---|---:|---|",
         f"| colour accuracy >= 90 % (guidance 5) | {g[5.0]['color']:.1%} | {_target(g[5.0]['color'] >= 0.9)} |",

@@ -1,0 +1,55 @@
+"""The machine a figure was measured on: CPU, AVX-512, threads and the measured fp32 matmul ceiling.
+
+Printed and stored beside every benchmark, the comparison report and the demo's report, so that times taken on
+hosts ~3x apart in speed can be compared through the ceiling.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def has_avx512() -> bool:
+    try:
+        return "avx512f" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """fp32 `torch.matmul` throughput, the ceiling this machine gives our kernels."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def describe_machine() -> dict:
+    """The CPU, its thread count and measured fp32 matmul ceiling (a second or two of matmuls)."""
+    return {"cpu": cpu_name(), "avx512": has_avx512(), "threads": torch.get_num_threads(),
+            "fp32_matmul_gflops": round(matmul_gflops(), 1), "torch": torch.__version__,
+            "python": platform.python_version()}  # fmt: skip
+
+
+def machine_line(machine: dict) -> str:
+    return (f"{machine['cpu']}, {machine['threads']} threads, AVX-512 {machine['avx512']}, fp32 matmul ceiling "
+            f"{machine['fp32_matmul_gflops']} GFLOP/s, torch {machine['torch']}")  # fmt: skip
