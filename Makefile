@@ -40,6 +40,8 @@ demo-quick: install
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_inference.py --out outputs/bench/inference.json
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_training.py --out outputs/bench/training.json
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_training.py --preset sd15-arch --steps 6 --warmup 2 --repeats 1 \
+		--batch-size 1 --out outputs/bench/training-sd15.json
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_data.py --out outputs/bench/data.json
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_lora.py --out outputs/bench/lora.json
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_corpus.py --out outputs/bench/corpus.json

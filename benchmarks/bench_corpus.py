@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import tempfile
 import time
 from pathlib import Path
 
-from bench_inference import describe_machine, in_child
+from bench_inference import describe_machine, in_child, work_folder
 
 
 def write_list(folder: Path, rows: int, distinct: int) -> Path:
@@ -88,7 +87,7 @@ def main() -> None:
     from ldm_tune.presets import init_model
 
     machine = describe_machine()
-    work = Path(tempfile.mkdtemp(prefix="ldm-bench-corpus-"))
+    work = work_folder("ldm-bench-corpus-")
     model = init_model("tiny", work / "tiny")
     started = time.perf_counter()
     big = write_list(work, args.rows, args.distinct)

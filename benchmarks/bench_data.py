@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from bench_inference import describe_machine
+from bench_inference import describe_machine, work_folder
 from PIL import Image
 
 
@@ -68,7 +67,7 @@ def main() -> None:
     from ldm_tune.presets import init_model
 
     machine = describe_machine()
-    work = Path(tempfile.mkdtemp(prefix="ldm-bench-data-"))
+    work = work_folder("ldm-bench-data-")
     (work / "photos").mkdir()
     result = {"machine": machine}
     (work / "photos-large").mkdir()

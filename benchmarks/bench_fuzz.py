@@ -19,7 +19,7 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
-from bench_inference import describe_machine
+from bench_inference import describe_machine, work_folder
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the strategies live with the tests
@@ -61,7 +61,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import logging
-    import tempfile
     import warnings
 
     from test_fuzz import TARGETS
@@ -69,7 +68,7 @@ def main() -> None:
     logging.disable(logging.WARNING)  # one warning per hostile case is noise here
     warnings.simplefilter("ignore")  # PIL's notes on broken tags
     machine = describe_machine()
-    folder = Path(tempfile.mkdtemp(prefix="ldm-bench-fuzz-"))
+    folder = work_folder("ldm-bench-fuzz-")
     runs = []
     for name in args.targets.split(","):
         if name not in TARGETS:

@@ -38,6 +38,16 @@ def describe_machine() -> dict:
     return machine
 
 
+def work_folder(prefix: str) -> Path:
+    """A temporary folder removed when the benchmark exits (an sd15-arch model folder alone is 4 GB)."""
+    import atexit
+    import shutil
+
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def in_child(script: str, child: dict, what: str) -> dict:
     """Run `script --child JSON` in a fresh process (its own peak RSS, no state shared with other runs) and return
     the dict it printed on its `RESULT ` line."""
@@ -168,7 +178,7 @@ def main() -> None:
     from ldm_tune.schedulers import scheduler_names
 
     machine = describe_machine()
-    work = Path(tempfile.mkdtemp(prefix="ldm-bench-"))
+    work = work_folder("ldm-bench-")
     repeats = 3 if args.quick else args.repeats
     plan = {"tiny": QUICK_SAMPLERS if args.quick else scheduler_names()}
     if not args.quick:

@@ -16,10 +16,9 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from bench_inference import describe_machine
+from bench_inference import describe_machine, work_folder
 
 
 PRESETS = {  # preset -> (resolution, batch size)
@@ -81,7 +80,7 @@ def main() -> None:
     from ldm_tune.presets import init_model
 
     machine = describe_machine()
-    work = Path(tempfile.mkdtemp(prefix="ldm-bench-lora-"))
+    work = work_folder("ldm-bench-lora-")
     rows = []
     for preset in args.presets.split(","):
         resolution, batch = PRESETS[preset]
