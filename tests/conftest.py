@@ -147,3 +147,25 @@ def run_two_processes(tmp_path):
         return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(processes)]
 
     return run
+
+
+@pytest.fixture
+def ema_checkpoint():
+    """`ema_checkpoint(model_dir, folder)`: writes a checkpoint as the trainer does with EMA: `unet/` (the raw
+    weights, moved off the base) and `unet_ema/` (`EMAModel.save_pretrained`, still the base); returns `folder`."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    from ldm_tune.components import load_components
+
+    def write(model_dir, folder):
+        unet = load_components(model_dir).unet
+        ema = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)
+        with torch.no_grad():
+            for parameter in unet.parameters():
+                parameter.add_(0.01 * torch.randn_like(parameter))
+        unet.save_pretrained(folder / "unet")
+        ema.save_pretrained(folder / "unet_ema")
+        return folder
+
+    return write

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from diffusers.training_utils import EMAModel
 
 from ldm_tune.components import load_components
 from ldm_tune.inference import LDMInference
@@ -95,24 +94,12 @@ def test_v_prediction_fine_tune_of_an_epsilon_base_samples_as_v_prediction(make_
     assert np.abs(images - pipe.generate(**KWARGS)).max() > 1e-3
 
 
-def _hand_made_checkpoint(model_dir, folder: Path) -> Path:
-    """checkpoint-N as the trainer writes it with EMA: unet/ (raw) and unet_ema/ (EMAModel.save_pretrained)."""
-    unet = load_components(model_dir).unet
-    ema = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    unet.save_pretrained(folder / "unet")
-    ema.save_pretrained(folder / "unet_ema")
-    return folder
-
-
 @pytest.mark.parametrize("flags, weights", [([], "ema"), (["--no-ema"], "raw")])
-def test_generate_cli_no_ema_flag(tiny_model_dir, tmp_path, monkeypatch, flags, weights):
+def test_generate_cli_no_ema_flag(tiny_model_dir, tmp_path, monkeypatch, ema_checkpoint, flags, weights):
     from ldm_tune.cli import main
 
     torch.manual_seed(0)
-    checkpoint = _hand_made_checkpoint(tiny_model_dir, tmp_path / "checkpoint-5")
+    checkpoint = ema_checkpoint(tiny_model_dir, tmp_path / "checkpoint-5")
     seen = {}
     original = LDMInference.from_pretrained.__func__
 

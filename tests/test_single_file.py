@@ -13,7 +13,6 @@ import pytest
 import torch
 import yaml
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.training_utils import EMAModel
 from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -150,23 +149,19 @@ def test_lora_merged_export_samples_as_the_loaded_lora(tiny_model_dir, tiny_pipe
         assert json.loads(handle.metadata()["ldm_tune.loras"])[0]["scale"] == 0.7
 
 
-def ema_checkpoint(model_dir, run: Path) -> Path:
-    """run/checkpoint-5 as the trainer writes it with EMA (raw unet/, unet_ema/), of a v-prediction run."""
-    unet = load_components(model_dir).unet
-    ema = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)
-    with torch.no_grad():
-        for parameter in unet.parameters():
-            parameter.add_(0.01 * torch.randn_like(parameter))
-    unet.save_pretrained(run / "checkpoint-5" / "unet")
-    ema.save_pretrained(run / "checkpoint-5" / "unet_ema")
+def v_prediction_run(ema_checkpoint, model_dir, run: Path) -> Path:
+    """run/checkpoint-5 of a v-prediction run with EMA (its config.yaml says so)."""
+    checkpoint = ema_checkpoint(model_dir, run / "checkpoint-5")
     config = {"model": {"prediction_type": "v_prediction"}, "training": {"use_ema": True}}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
-    return run / "checkpoint-5"
+    return checkpoint
 
 
 @pytest.mark.parametrize("flags, weights", [([], "unet_ema"), (["--no-ema"], "unet")])
-def test_checkpoint_export_uses_ema_weights_and_prediction_type(tiny_model_dir, tmp_path, flags, weights):
-    checkpoint = ema_checkpoint(tiny_model_dir, tmp_path / "run")
+def test_checkpoint_export_uses_ema_weights_and_prediction_type(
+    tiny_model_dir, tmp_path, ema_checkpoint, flags, weights
+):
+    checkpoint = v_prediction_run(ema_checkpoint, tiny_model_dir, tmp_path / "run")
     out = tmp_path / "trained.safetensors"
     argv = ["export", "--model", str(tiny_model_dir), "--checkpoint", str(checkpoint), "--out", str(out)]
     assert main([*argv, "--dtype", "fp32", *flags]) == 0
