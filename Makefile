@@ -47,10 +47,10 @@ bench: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_corpus.py --out outputs/bench/corpus.json
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_fuzz.py --cases 10000 --out outputs/bench/fuzz.json
 
-# The same tables in a few minutes (tiny preset only, fewer samplers, steps and repeats): for a first look.
+# The same tables in a few minutes (tiny preset only, fewer samplers, steps, repeats and levers): for a first look.
 bench-quick: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_inference.py --quick --out outputs/bench/inference-quick.json
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_training.py --steps 20 --warmup 5 --repeats 1 \
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_training.py --steps 20 --warmup 5 --repeats 1 --configs reference ours \
 		--out outputs/bench/training-quick.json
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_lora.py --presets tiny --out outputs/bench/lora-quick.json
 

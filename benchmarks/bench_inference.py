@@ -5,11 +5,12 @@ and the sd15-arch preset (the SD 1.5 architecture, random weights) at 256 px, 1 
 is loaded from the same folder as a user loads it, on the same
 scheduler, alternating call by call so that machine drift hits both alike; medians are reported with the max pixel
 difference between the two (images in [0, 1]). Then the levers, on our pipeline against its own default images:
-channels-last weights, and bf16 autocast (this CPU may have AVX-512-BF16/AMX: measured, not assumed). Also times
+channels-last weights, bf16 autocast (this CPU may have AVX-512-BF16/AMX: measured, not assumed) and torch.compile of
+the UNet (inductor, cold cache; its first call, the compile, is reported). Also times
 the whole `ldm-tune generate` command. Prints the machine and its fp32 matmul ceiling, a markdown table, and writes
 JSON.
 Usage: python benchmarks/bench_inference.py [--repeats 5] [--quick] [--out outputs/bench/inference.json]
-(`--quick`: the tiny preset only, 3 samplers, 3 repeats.)
+(`--quick`: the tiny preset only, 3 samplers, 3 repeats, no compile.)
 """
 
 from __future__ import annotations
@@ -48,15 +49,16 @@ def work_folder(prefix: str) -> Path:
     return folder
 
 
-def in_child(script: str, child: dict, what: str) -> dict:
-    """Run `script --child JSON` in a fresh process (its own peak RSS, no state shared with other runs) and return
-    the dict it printed on its `RESULT ` line."""
+def in_child(script: str, child: dict, what: str, env: dict | None = None) -> dict:
+    """Run `script --child JSON` in a fresh process (its own peak RSS, no state shared with other runs; `env` added
+    to its environment before it starts) and return the dict it printed on its `RESULT ` line."""
     import json
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, script, "--child", json.dumps(child)], capture_output=True, text=True,
-                            check=False)  # fmt: skip
+    command = [sys.executable, script, "--child", json.dumps(child)]
+    environment = {**os.environ, **(env or {})}
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
     line = next((x for x in result.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"{what} failed:\n{result.stderr[-3000:]}")
@@ -91,9 +93,13 @@ def _pipelines(preset: str, work: Path):
     return model, ours, theirs
 
 
-def _timed(fn, repeats: int) -> tuple[list[float], object]:
-    result = fn(0)  # warm-up; its images are the ones compared
-    return [time_call(lambda i=i: fn(i + 1)) for i in range(repeats)], result
+def _timed(fn, repeats: int) -> tuple[list[float], object, float]:
+    """Times of `repeats` calls after a warm-up call, the warm-up's images (the ones compared) and its seconds
+    (with `torch.compile`, the compile time)."""
+    start = time.perf_counter()
+    result = fn(0)
+    first = time.perf_counter() - start
+    return [time_call(lambda i=i: fn(i + 1)) for i in range(repeats)], result, first
 
 
 def sampler_row(ours, theirs, name: str, call: dict, repeats: int) -> dict:
@@ -122,7 +128,7 @@ def sampler_row(ours, theirs, name: str, call: dict, repeats: int) -> dict:
             "ldm_tune_s": [round(t, 4) for t in t_ours], "diffusers_s": [round(t, 4) for t in t_theirs]}  # fmt: skip
 
 
-def lever_rows(ours, name: str, call: dict, repeats: int, reference_ips: float) -> list[dict]:
+def lever_rows(ours, name: str, call: dict, repeats: int, reference_ips: float, compile: bool = True) -> list[dict]:
     """Each lever on our pipeline: images/s, the ratio to diffusers' fp32 figure, and the max pixel difference to our
     own fp32 images (1/255 = 0.0039 is the tolerance the issue sets unless the table says otherwise)."""
     import contextlib
@@ -134,20 +140,23 @@ def lever_rows(ours, name: str, call: dict, repeats: int, reference_ips: float) 
         return ours.generate("a red circle", seed=seed, progress=False, output_type="np", **call)
 
     base = run(0)
-    # (context, switch on, switch off)
+    # (context, switch on, switch off); torch.compile last: it stays on (the pipeline is dropped afterwards)
     levers = {
         "channels_last": (contextlib.nullcontext, ours.enable_channels_last, ours.disable_channels_last),
         "bf16 autocast": (lambda: torch.autocast("cpu", torch.bfloat16), lambda: None, lambda: None),
+        "torch.compile": (contextlib.nullcontext, ours.compile_unet, lambda: None),
     }
+    if not compile:  # --quick: a cold compile takes a minute or more
+        del levers["torch.compile"]
     rows = []
     for lever, (context, switch_on, switch_off) in levers.items():
         switch_on()
         with context():
-            times, images = _timed(run, repeats)
+            times, images, first = _timed(run, repeats)
         switch_off()
         ips = count / statistics.median(times)
         rows.append({"lever": lever, "sampler": name, "images_per_s": round(ips, 3),
-                     "ratio_to_diffusers": round(ips / reference_ips, 3),
+                     "ratio_to_diffusers": round(ips / reference_ips, 3), "first_call_s": round(first, 2),
                      "max_pixel_diff_to_fp32": float(np.abs(images - base).max())})  # fmt: skip
     return rows
 
@@ -161,12 +170,14 @@ def print_table(machine: dict, results: dict) -> None:
         for r in block["rows"]:
             print(f"| {preset} | {r['sampler']} | {r['ldm_tune_images_per_s']:.3f} | {r['diffusers_images_per_s']:.3f} "
                   f"| x{r['ratio']:.2f} | {r['max_pixel_diff']:.1e} |")  # fmt: skip
-    print("\n| preset | lever (sampler) | img/s | / diffusers fp32 | max pixel diff to our fp32 |")
-    print("|---|---|---:|---:|---:|")
+    print("\n| preset | lever (sampler) | img/s | / diffusers fp32 | first call s | max pixel diff to our fp32 |")
+    print("|---|---|---:|---:|---:|---:|")
     for preset, block in results.items():
         for r in block["levers"]:
-            print(f"| {preset} | {r['lever']} ({r['sampler']}) | {r['images_per_s']:.3f} | "
-                  f"x{r['ratio_to_diffusers']:.2f} | {r['max_pixel_diff_to_fp32']:.1e} |")  # fmt: skip
+            print(
+                f"| {preset} | {r['lever']} ({r['sampler']}) | {r['images_per_s']:.3f} | x{r['ratio_to_diffusers']:.2f} "
+                f"| {r['first_call_s']:.1f} | {r['max_pixel_diff_to_fp32']:.1e} |"
+            )
 
 
 def main() -> None:
@@ -179,6 +190,8 @@ def main() -> None:
 
     machine = describe_machine()
     work = work_folder("ldm-bench-")
+    # torch.compile's figure is a cold compile, as a user's first run has (inductor keeps compiled code on disk).
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor")
     repeats = 3 if args.quick else args.repeats
     plan = {"tiny": QUICK_SAMPLERS if args.quick else scheduler_names()}
     if not args.quick:
@@ -189,7 +202,7 @@ def main() -> None:
         model, ours, theirs = _pipelines(preset, work)
         rows = [sampler_row(ours, theirs, name, call, repeats if preset == "tiny" else 3) for name in samplers]
         levers = lever_rows(ours, rows[0]["sampler"], call, repeats if preset == "tiny" else 3,
-                            rows[0]["diffusers_images_per_s"])  # fmt: skip
+                            rows[0]["diffusers_images_per_s"], compile=not args.quick)  # fmt: skip
         results[preset] = {"setting": call, "rows": rows, "levers": levers, "model": str(model)}
         del ours, theirs
 

@@ -1,18 +1,21 @@
-"""Training speed of the tiny preset, ours beside the reference loop, each ratio taken in one run of this script.
+"""Training speed, ours beside the reference loop and each speed lever, every ratio taken in one run of this script.
 
 "reference" is ldm_tune set up as diffusers' train_text_to_image.py runs: the VAE and the text encoder encode
-every image and caption at every step, foreach AdamW (torch's default there), no caches. "ours" is ldm_tune as it
-ships for a fine-tune: latent and text-embedding caches (each image and caption encoded once), fused AdamW. Both
-train the tiny preset at 64 px, batch 16, fp32, on the same shapes data with the same seed; each run is a child
-process (its own peak RSS), the configurations alternate, and each is repeated `--repeats` times.
+every image and caption at every step, foreach AdamW (torch's default there), no caches, default memory format,
+no compile. "ours" is ldm_tune as it ships for a fine-tune: latent and text-embedding caches (each image and caption
+encoded once), fused AdamW. Each "ours + X" row adds one lever to "ours" (channels_last, torch.compile through
+Accelerate with a cold inductor cache, the math attention backend instead of CPU flash attention, pinned OpenMP
+threads, DataLoader workers, bf16 autocast). All train the same model on the same shapes data with the same seed;
+each run is a child process (its own peak RSS), the configurations alternate, and each is repeated `--repeats` times.
 
 Reports per configuration: steady samples/s (the median over updates after `--warmup`; the median and spread over
-repeats), start-up seconds (process start to the end of update 1: model load, data check, cache fill), peak RSS;
-and the ratio ours / reference. Prints the machine and its measured fp32 matmul ceiling; writes JSON.
-`--preset sd15-arch`: the SD 1.5 architecture (random weights) at 256 px, batch 1, gradient checkpointing, on 16
-images (the latent cache encodes each once), a few steps.
+repeats) and its ratio to the reference, start-up seconds (process start to the end of update 1: model load, data
+check, cache fill, compilation), peak RSS and its ratio, the UNet's achieved GFLOP/s (torch.utils.flop_counter,
+attention on the math backend) against the machine's measured fp32 matmul ceiling. Writes JSON.
+`--preset tiny` (default): 64 px, batch 16, every lever. `--preset sd15-arch`: the SD 1.5 architecture (random
+weights) at 256 px, batch 1, gradient checkpointing, on 16 images, a few steps; the pair plus bf16 autocast.
 Usage: python benchmarks/bench_training.py [--preset tiny|sd15-arch] [--steps 40] [--repeats 3] [--batch-size 16]
-[--out outputs/bench/training.json]
+[--configs NAME ...] [--out outputs/bench/training.json]
 """
 
 from __future__ import annotations
@@ -27,16 +30,44 @@ from pathlib import Path
 from bench_inference import describe_machine, in_child, work_folder
 
 
+CACHES = ["data.cache_latents=true", "data.cache_text_embeddings=true"]
+# Accelerate's own torch.compile switch (what `accelerate launch --dynamo_backend inductor` sets): the trainer needs
+# no code of its own for it. (Accelerate's regional compilation fails on diffusers' UNet2DConditionModel with torch
+# 2.13: "GroupNorm does not support len()" with dynamic=False, a sympy Relational error with dynamic shapes.)
+COMPILE = {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"}
+# name: (training overrides, environment, switch applied in the child). "ours" is what ships; each "ours + X" row
+# is one lever measured on top of it, kept in the product only where the table shows it helps.
 CONFIGS = {
-    "reference": [],  # plus foreach AdamW, see run_child
-    "ours": ["data.cache_latents=true", "data.cache_text_embeddings=true"],
-    # A lever measured and not kept: bf16 autocast (this CPU may have AVX-512-BF16/AMX; measured, not assumed).
-    "ours, bf16 autocast": [
-        "data.cache_latents=true",
-        "data.cache_text_embeddings=true",
-        "training.mixed_precision=bf16",
-    ],  # fmt: skip
+    "reference": ([], {}, "foreach_adamw"),
+    "ours": (CACHES, {}, None),
+    "ours + channels_last": (CACHES, {}, "channels_last"),
+    "ours + torch.compile": (CACHES, COMPILE, None),
+    "ours, math SDPA": (CACHES, {}, "math_sdpa"),
+    # OpenMP threads pinned one per core (libgomp reads these when the process starts)
+    "ours + pinned threads": (CACHES, {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}, None),
+    "ours + 2 loader workers": ([*CACHES, "data.dataloader_num_workers=2"], {}, None),
+    "ours + bf16 autocast": ([*CACHES, "training.mixed_precision=bf16"], {}, None),
 }
+# sd15-arch: each run takes minutes, so the pair and the one lever that can change its verdict (AMX bf16).
+DEFAULT_CONFIGS = {"tiny": list(CONFIGS), "sd15-arch": ["reference", "ours", "ours + bf16 autocast"]}
+
+
+def apply_switch(switch: str | None) -> None:
+    """Process-wide changes a configuration makes before the trainer is built (in its own child process)."""
+    import torch
+
+    if switch == "foreach_adamw":  # the diffusers example's optimizer: torch's default foreach AdamW, not fused
+        adamw = torch.optim.AdamW
+
+        def foreach_adamw(params, **kwargs):
+            kwargs.pop("fused", None)
+            return adamw(params, foreach=True, **kwargs)
+
+        torch.optim.AdamW = foreach_adamw
+    elif switch == "math_sdpa":  # attention by the math backend instead of CPU flash attention
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        sdpa_kernel(SDPBackend.MATH).__enter__()
 
 
 # preset: (image size, extra training overrides)
@@ -69,22 +100,18 @@ def run_child(name: str, model: str, data: str, out: str, steps: int, warmup: in
     from ldm_tune.tracking import read_metrics
     from ldm_tune.training import Trainer
 
-    if name == "reference":  # the diffusers example's optimizer: torch's default foreach AdamW, not fused
-        adamw = torch.optim.AdamW
-
-        def foreach_adamw(params, **kwargs):
-            kwargs.pop("fused", None)
-            return adamw(params, foreach=True, **kwargs)
-
-        torch.optim.AdamW = foreach_adamw
+    overrides, _, switch = CONFIGS[name]
+    apply_switch(switch)
     config = load_config(None, [
         f"model.pretrained_model_name_or_path={model}", f"data.train_data_dir={data}",
         f"data.resolution={PRESETS[preset][0]}", *PRESETS[preset][1],
         "data.center_crop=true", f"training.train_batch_size={batch}", f"training.max_train_steps={steps}",
         "training.lr_warmup_steps=0", "logging.logging_steps=1", f"checkpointing.checkpointing_steps={steps}",
-        "validation.validation_steps=0", f"output_dir={out}", f"data.cache_dir={out}-cache", *CONFIGS[name],
+        "validation.validation_steps=0", f"output_dir={out}", f"data.cache_dir={out}-cache", *overrides,
     ])  # fmt: skip
     trainer = Trainer(config)
+    if switch == "channels_last":  # NHWC weights (oneDNN's preferred layout); activations follow the weights
+        trainer.model.to(memory_format=torch.channels_last)
     first, original = [], trainer._after_update
 
     def after_update(*args):
@@ -113,6 +140,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="default: every lever on tiny, "
+                        f"{DEFAULT_CONFIGS['sd15-arch']} on sd15-arch")  # fmt: skip
     parser.add_argument("--out", default="outputs/bench/training.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -129,33 +158,46 @@ def main() -> None:
     model = init_model(args.preset, work / args.preset)
     images = 512 if args.preset == "tiny" else 16
     data = make_shapes_dataset(work / "shapes", n=images, size=size, validation_fraction=0)
-    # The bf16 lever was measured on tiny (not kept); on sd15-arch each run takes minutes, so only the pair.
-    runs = {name: [] for name in (CONFIGS if args.preset == "tiny" else ("reference", "ours"))}
+    names = list(dict.fromkeys(["reference", "ours", *(args.configs or DEFAULT_CONFIGS[args.preset])]))
+    runs = {name: [] for name in names}
     for repeat in range(args.repeats):
-        for name in runs:  # alternating, so a drift of the machine touches both alike
-            child = {"name": name, "model": str(model), "data": str(data / "train"), "steps": args.steps,
-                     "out": str(work / f"{name}-{repeat}"), "warmup": args.warmup, "batch": args.batch_size,
-                     "preset": args.preset}  # fmt: skip
-            runs[name].append(in_child(__file__, child, name))
+        for name in runs:  # alternating, so a drift of the machine touches every configuration alike
+            run_dir = work / f"run-{list(CONFIGS).index(name)}-{repeat}"
+            child = dict(
+                name=name,
+                model=str(model),
+                data=str(data / "train"),
+                steps=args.steps,
+                out=str(run_dir),
+                warmup=args.warmup,
+                batch=args.batch_size,
+                preset=args.preset,
+            )
+            # A cold compile, as a user's first run has: inductor's on-disk cache would hold an earlier run's code.
+            # (A folder name without spaces: inductor passes it to g++ unquoted.)
+            env = {**CONFIGS[name][1], "TORCHINDUCTOR_CACHE_DIR": f"{run_dir}-inductor"}
+            runs[name].append(in_child(__file__, child, name, env))
             print(f"  {name} #{repeat + 1}: {runs[name][-1]}", flush=True)
     table = {name: summarize(r) for name, r in runs.items()}
-    ratio = table["ours"]["samples_per_s"] / table["reference"]["samples_per_s"]
+    reference = table["reference"]
     flops = unet_flops_per_sample(str(model), args.batch_size, size)
     for row in table.values():  # the UNet's share of the work, against the machine's fp32 matmul ceiling
         row["unet_gflops"] = flops * row["samples_per_s"] / 1e9
         row["percent_of_ceiling"] = 100 * row["unet_gflops"] / machine["fp32_matmul_gflops"]
-    print(f"\n{args.preset} preset, {size} px, batch {args.batch_size}, fp32, {args.steps} updates ({args.warmup} warm-up), "
-          f"{args.repeats} repeats; medians, spread = min-max over repeats")  # fmt: skip
-    print(
-        "| configuration | samples/s | spread | s/step | start-up s | peak RSS MiB | UNet GFLOP/s | % of fp32 ceiling |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        row["vs_reference"] = row["samples_per_s"] / reference["samples_per_s"]
+        row["rss_vs_reference"] = row["peak_rss_mib"] / reference["peak_rss_mib"]
+    print(f"\n{args.preset} preset, {size} px, batch {args.batch_size}, fp32, {args.steps} updates ({args.warmup} "
+          f"warm-up), {args.repeats} repeats; medians, spread = min-max over repeats; start-up = process start to "
+          "the end of update 1 (model load, caches, compilation)")  # fmt: skip
+    print("| configuration | samples/s | spread | s/step | samples/s vs reference | start-up s | peak RSS MiB | "
+          "RSS vs reference | UNet GFLOP/s | % of fp32 ceiling |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, row in table.items():
         print(f"| {name} | {row['samples_per_s']:.3g} | {row['spread'][0]:.3g}-{row['spread'][1]:.3g} | "
-              f"{args.batch_size / row['samples_per_s']:.3g} | {row['start_up_s']:.1f} | {row['peak_rss_mib']:.0f} | "
-              f"{row['unet_gflops']:.1f} | {row['percent_of_ceiling']:.0f} |")  # fmt: skip
-    rss = table["ours"]["peak_rss_mib"] / table["reference"]["peak_rss_mib"]
-    print(f"| ours / reference | x{ratio:.2f} | | x{1 / ratio:.2f} | | x{rss:.2f} | | |")
+              f"{args.batch_size / row['samples_per_s']:.3g} | x{row['vs_reference']:.2f} | {row['start_up_s']:.1f} | "
+              f"{row['peak_rss_mib']:.0f} | x{row['rss_vs_reference']:.2f} | {row['unet_gflops']:.1f} | "
+              f"{row['percent_of_ceiling']:.0f} |")  # fmt: skip
+    ratio = table["ours"]["vs_reference"]
     print(f"UNet forward + backward: {flops / 1e9:.2f} GFLOP per sample")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
