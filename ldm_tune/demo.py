@@ -184,7 +184,10 @@ def train_stages(out: Path, data: dict[str, Path], s: DemoSettings) -> dict[str,
     summaries["vae"] = _stage(out / "vae", [
         *common, f"data.train_data_dir={data['vae'] / 'train'}",
         f"data.validation_data_dir={data['base'] / 'validation'}", "stage=vae", f"model.pretrained_model_name_or_path={model}", "vae.from_scratch=true",
-        f"training.max_train_steps={s.vae_steps}", "training.learning_rate=2e-3", "training.lr_scheduler=cosine",
+        # beta2 0.99: Adam's second moment follows the fast-falling loss of a from-scratch VAE (+1.1 dB at 450 steps
+        # in our trials).
+        f"training.max_train_steps={s.vae_steps}", "training.learning_rate=2e-3", "training.adam_beta2=0.99",
+        "training.lr_scheduler=cosine",
         "training.lr_warmup_steps=20", f"checkpointing.checkpointing_steps={max(1, s.vae_steps // 2)}",
         f"validation.validation_steps={max(1, s.vae_steps // 2)}",
     ])  # fmt: skip
@@ -192,6 +195,10 @@ def train_stages(out: Path, data: dict[str, Path], s: DemoSettings) -> dict[str,
         *_unet_common(out, s), *base_data, f"model.pretrained_model_name_or_path={out / 'vae' / 'pipeline'}",
         # Cosine decay: the last steps at a low rate settle colours (a constant rate kept confusing red and orange).
         f"training.max_train_steps={s.unet_steps}", "training.learning_rate=1e-3", "training.lr_warmup_steps=100",
+        # Min-SNR weighting (arXiv 2303.09556) and 20 % caption dropout: with the 32-channel VAE, joint accuracy at
+        # guidance 5 went from 67.7 % (neither) to 81.2 % (min-SNR alone also made guidance 1 so good that the
+        # guidance gap fell to 14.6 points; the dropout restores it to 18.8). 1200 steps instead of 1800 fell to 49 %.
+        "training.snr_gamma=5.0", "data.caption_dropout=0.2",
         "training.lr_scheduler=cosine",
         f"checkpointing.checkpointing_steps={max(1, s.unet_steps // 4)}",
         f"validation.validation_steps={max(1, s.unet_steps // 4)}",

@@ -6,6 +6,7 @@ hosts ~3x apart in speed can be compared through the ceiling.
 
 from __future__ import annotations
 
+import math
 import platform
 import statistics
 import time
@@ -53,3 +54,17 @@ def describe_machine() -> dict:
 def machine_line(machine: dict) -> str:
     return (f"{machine['cpu']}, {machine['threads']} threads, AVX-512 {machine['avx512']}, fp32 matmul ceiling "
             f"{machine['fp32_matmul_gflops']} GFLOP/s, torch {machine['torch']}")  # fmt: skip
+
+
+# The demo's time target is for the slowest host type we run on: AVX2 only, fp32 matmul ceiling ~66 GFLOP/s on 2
+# threads. The one pair of hosts that ran the same demo (2026-11-24 and 12-01) took 7.7 min at a 190 GFLOP/s
+# ceiling and 18.6 min at 66: time ~ ceiling ** -0.84. Other hosts are scaled by that ratio (an estimate: the
+# demo is not matmul-bound, and hosts differ in more than their matmul ceiling).
+SLOW_HOST_GFLOPS = 66.0
+SLOW_HOST_EXPONENT = math.log(18.6 / 7.7) / math.log(190 / SLOW_HOST_GFLOPS)
+
+
+def slow_host_estimate(seconds: float, machine: dict) -> float:
+    """`seconds` measured on `machine`, scaled to the slow host type by the ceiling ratio (never below `seconds`)."""
+    ratio = max(machine["fp32_matmul_gflops"] / SLOW_HOST_GFLOPS, 1.0)
+    return seconds * ratio**SLOW_HOST_EXPONENT

@@ -148,7 +148,10 @@ DEMO_UNET = {
     "out_channels": 4,
     "sample_size": 8,
 }
-DEMO_VAE = {**TINY_VAE, "sample_size": 32, "scaling_factor": 1.0}  # the VAE stage measures the real factor
+# 32 channels at every level: at 600 steps it reconstructs better (28.9 dB on two seeds) than [32, 64, 64] (27.6 dB)
+# and trains 1.6x faster (the 64-channel convolutions at 16x16 and 32x32 were most of the VAE's FLOPs).
+# The scaling factor is measured by the VAE stage.
+DEMO_VAE = {**TINY_VAE, "block_out_channels": [32, 32, 32], "sample_size": 32, "scaling_factor": 1.0}
 # A 16-token context: the captions use at most 10, and cross-attention over 77 padded tokens made each UNet
 # training step ~20 % slower (69 vs 83 ms at batch 32).
 DEMO_TEXT_ENCODER = {**TINY_TEXT_ENCODER, "hidden_size": 64, "intermediate_size": 128, "projection_dim": 64,

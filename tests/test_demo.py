@@ -20,6 +20,7 @@ def test_quick_demo_writes_every_artefact_and_resumes(tmp_path, monkeypatch):
     report = (out / "report.md").read_text()
     assert "VAE validation PSNR" in report and "new concept (cyan)" in report and "Wall time" in report
     assert "Machine: " in report and "GFLOP/s" in report and results["machine"]["fp32_matmul_gflops"] > 0
+    assert "Estimated on the slow host type" in report
     assert {row["guidance"] for row in results["base"]} == {1.0, 3.0, 5.0, 7.5}
     # A second run finds every stage complete and only re-evaluates.
     from ldm_tune import training
@@ -41,3 +42,15 @@ def test_every_finetune_method_of_the_demo_is_a_valid_config(tmp_path):
     for method in FINETUNE_METHODS:
         config = load_config(None, finetune_overrides(tmp_path, data, DemoSettings(), method))
         assert config.dreambooth.instance_repeats == DemoSettings().new_concept_repeats
+
+
+def test_slow_host_estimate_follows_the_measured_pair_of_hosts():
+    from ldm_tune.machine import slow_host_estimate
+
+    # The anchor: 7.7 min at a 190 GFLOP/s ceiling were 18.6 min on the 66 GFLOP/s host.
+    assert abs(slow_host_estimate(7.7 * 60, {"fp32_matmul_gflops": 190.0}) - 18.6 * 60) < 1e-6
+    assert slow_host_estimate(600.0, {"fp32_matmul_gflops": 66.0}) == 600.0
+    assert slow_host_estimate(600.0, {"fp32_matmul_gflops": 30.0}) == 600.0  # never faster than measured
+    assert slow_host_estimate(60.0, {"fp32_matmul_gflops": 400.0}) > slow_host_estimate(
+        60.0, {"fp32_matmul_gflops": 200.0}
+    )
