@@ -6,7 +6,7 @@ is loaded from the same folder as a user loads it, on the same
 scheduler, alternating call by call so that machine drift hits both alike; medians are reported with the max pixel
 difference between the two (images in [0, 1]). Then the levers, on our pipeline against its own default images:
 channels-last weights, bf16 autocast (this CPU may have AVX-512-BF16/AMX: measured, not assumed) and torch.compile of
-the UNet (inductor, cold cache; its first call, the compile, is reported). Also times
+the UNet (inductor, cold cache; plain, and with `freezing`; its first call, the compile, is reported). Also times
 the whole `ldm-tune generate` command. Prints the machine and its fp32 matmul ceiling, a markdown table, and writes
 JSON.
 Usage: python benchmarks/bench_inference.py [--repeats 5] [--quick] [--out outputs/bench/inference.json]
@@ -144,10 +144,16 @@ def lever_rows(ours, name: str, call: dict, repeats: int, reference_ips: float, 
     levers = {
         "channels_last": (contextlib.nullcontext, ours.enable_channels_last, ours.disable_channels_last),
         "bf16 autocast": (lambda: torch.autocast("cpu", torch.bfloat16), lambda: None, lambda: None),
-        "torch.compile": (contextlib.nullcontext, ours.compile_unet, lambda: None),
+        "torch.compile": (contextlib.nullcontext, ours.compile_unet, torch._dynamo.reset),
+        # inductor freezing: a compile of its own (dynamo's caches were reset after the plain one)
+        "torch.compile, frozen weights": (
+            contextlib.nullcontext,
+            lambda: ours.compile_unet(freeze=True),
+            lambda: None,
+        ),
     }
     if not compile:  # --quick: a cold compile takes a minute or more
-        del levers["torch.compile"]
+        del levers["torch.compile"], levers["torch.compile, frozen weights"]
     rows = []
     for lever, (context, switch_on, switch_off) in levers.items():
         switch_on()

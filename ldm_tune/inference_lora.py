@@ -66,6 +66,7 @@ class LoraMixin:
             FileNotFoundError, ValueError: for a missing, unreadable or non-safetensors file, or a LoRA of another
                 architecture. The models are left as they were.
         """
+        self._check_weights_not_frozen("load a LoRA")
         file = resolve_lora_file(path)
         scale = _check_scale(scale, "scale")
         name = adapter_name or self._new_adapter_name(Path(path))
@@ -93,6 +94,7 @@ class LoraMixin:
         """
         if not self.loras:
             raise ValueError("No LoRA is loaded; load one with `load_lora(path, scale)` first.")
+        self._check_weights_not_frozen("change LoRA scales")
         if isinstance(scale, dict):
             chosen = {id(self._find_lora(key)): value for key, value in scale.items()}
             new = [chosen.get(id(lora), lora.scale) for lora in self.loras]

@@ -88,6 +88,22 @@ def test_compile_unet_wraps_the_unet_in_place(pipe, monkeypatch):
     assert pipe.switches["compile"] == "reduce-overhead"
 
 
+def test_frozen_compile_passes_inductor_freezing_and_then_refuses_lora_changes(pipe, monkeypatch):
+    # The compile itself runs in benchmarks/bench_inference.py (pixels within 3e-6 of eager on tiny).
+    calls = []
+    monkeypatch.setattr(pipe.unet, "compile", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(pipe, "_compile_mode", None)
+    with pytest.raises(ValueError, match="`mode` must be None with `freeze=True`"):
+        pipe.compile_unet(mode="max-autotune", freeze=True)
+    assert calls == [] and pipe.switches["compile"] is None
+    pipe.compile_unet(freeze=True)
+    assert calls == [{"fullgraph": False, "options": {"freezing": True}}]
+    assert pipe.switches["compile"] == "freezing"
+    # Frozen weights would silently ignore a LoRA loaded afterwards: refused, before the file is even read.
+    with pytest.raises(ValueError, match="compiled with `freeze=True`"):
+        pipe.load_lora("any-lora.safetensors")
+
+
 def test_batches_continue_the_seeds(tiny_model_dir, tmp_path):
     common = ("--model", tiny_model_dir, "--prompt", "a red circle", "--steps", 2, "--height", 32, "--width", 32,
               "--seed", 8)  # fmt: skip
