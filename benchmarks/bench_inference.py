@@ -9,7 +9,8 @@ channels-last weights, bf16 autocast (this CPU may have AVX-512-BF16/AMX: measur
 the UNet (inductor, cold cache; plain, and with `freezing`; its first call, the compile, is reported). Also times
 the whole `ldm-tune generate` command. Prints the machine and its fp32 matmul ceiling, a markdown table, and writes
 JSON.
-Usage: python benchmarks/bench_inference.py [--repeats 5] [--quick] [--out outputs/bench/inference.json]
+Usage: python benchmarks/bench_inference.py [--repeats 5] [--quick] [--presets tiny sd15-arch]
+[--out outputs/bench/inference.json]
 (`--quick`: the tiny preset only, 3 samplers, 3 repeats, no compile.)
 """
 
@@ -190,6 +191,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="tiny preset only, 3 samplers, 3 repeats")
+    parser.add_argument("--presets", nargs="+", choices=list(SETTINGS), help="only these presets (default: both)")
     parser.add_argument("--out", default="outputs/bench/inference.json")
     args = parser.parse_args()
     from ldm_tune.schedulers import scheduler_names
@@ -202,6 +204,7 @@ def main() -> None:
     plan = {"tiny": QUICK_SAMPLERS if args.quick else scheduler_names()}
     if not args.quick:
         plan["sd15-arch"] = ("ddim",)
+    plan = {preset: samplers for preset, samplers in plan.items() if preset in (args.presets or plan)}
     results = {}
     for preset, samplers in plan.items():
         call = SETTINGS[preset]
@@ -212,16 +215,21 @@ def main() -> None:
         results[preset] = {"setting": call, "rows": rows, "levers": levers, "model": str(model)}
         del ours, theirs
 
-    cli = [
-        str(Path(sys.executable).parent / "ldm-tune"),
-        "generate", "--model", results["tiny"]["model"], "--prompt", "a red circle", "--steps", "30",
-        "--num-images", "4", "--seed", "0", "--out", str(work / "cli"),
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cli_times = [time_call(lambda: subprocess.run(cli, check=True, env=env, capture_output=True)) for _ in range(3)]
+    cli_times = []
+    if "tiny" in results:
+        cli = [
+            str(Path(sys.executable).parent / "ldm-tune"),
+            "generate", "--model", results["tiny"]["model"], "--prompt", "a red circle", "--steps", "30",
+            "--num-images", "4", "--seed", "0", "--out", str(work / "cli"),
+        ]  # fmt: skip
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        cli_times = [
+            time_call(lambda: subprocess.run(cli, check=True, env=env, capture_output=True)) for _ in range(3)
+        ]
     print_table(machine, results)
-    print(f"`ldm-tune generate` whole command (start-up + load + 4 images, dpm++): {statistics.median(cli_times):.2f} s"
-          " median of 3")  # fmt: skip
+    if cli_times:
+        print(f"`ldm-tune generate` whole command (start-up + load + 4 images, dpm++): "
+              f"{statistics.median(cli_times):.2f} s median of 3")  # fmt: skip
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

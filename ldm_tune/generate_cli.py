@@ -105,7 +105,7 @@ def add_generate_parser(sub) -> None:
     add("--compile", action="store_true", help="torch.compile the UNet (the first batch compiles, later ones "
         "run faster).")  # fmt: skip
     add("--compile-frozen", action="store_true", help="torch.compile the UNet with its weights compiled in "
-        "(inductor freezing: the faster compile on CPUs; LoRAs cannot change afterwards).")  # fmt: skip
+        "(inductor freezing; see the README's speed table: it depends on the model; LoRAs cannot change after).")  # fmt: skip
     add("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, ...")
     add("--dtype", choices=list(DTYPES), help="Model dtype (default: fp16 on CUDA, fp32 elsewhere).")
     add("--revision", help="Hub revision of --model.")

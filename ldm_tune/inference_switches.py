@@ -17,8 +17,9 @@ accelerate or torch.
 - `compile_unet`: `torch.compile` of the UNet in place (`nn.Module.compile`): the module keeps its type, config and
   LoRA loading; the first call compiles. `freeze=True` adds inductor's `freezing` (the weights become constants
   of the compiled code, so oneDNN can pre-pack them), the setting Intel's CPU inference guides use; `make bench`
-  measured x1.47 images/s against diffusers on the tiny preset (plain compile x1.36), images within 3e-6. The
-  weights are then fixed: LoRAs are loaded and scaled before.
+  measured x1.47 images/s against diffusers on the tiny preset (plain compile x1.36) but x0.69 on the SD 1.5
+  architecture at 256 px (plain x0.70), images within 4e-6. The weights are then fixed: LoRAs are loaded and scaled
+  before.
 
 The switches that can change pixels (tiling, attention slicing, compile) are recorded in the parameters JSON
 (`switches`); `ldm-tune generate --from-png` turns tiling and attention slicing on again.
