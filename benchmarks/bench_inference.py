@@ -5,8 +5,11 @@ and the sd15-arch preset (the SD 1.5 architecture, random weights) at 256 px, 1 
 is loaded from the same folder as a user loads it, on the same
 scheduler, alternating call by call so that machine drift hits both alike; medians are reported with the max pixel
 difference between the two (images in [0, 1]). Then the levers, on our pipeline against its own default images:
-channels-last weights, bf16 autocast (this CPU may have AVX-512-BF16/AMX: measured, not assumed) and torch.compile of
-the UNet (inductor, cold cache; plain, and with `freezing`; its first call, the compile, is reported). Also times
+channels-last weights, bf16 autocast (this CPU may have AVX-512-BF16/AMX: measured, not assumed), torch.compile of
+the UNet (inductor, cold cache; its first call, the compile, is reported), freed memory kept for reuse
+(ldm_tune.host_memory, which `ldm-tune generate` applies; the rows before it and diffusers run on glibc's default
+allocator), and that with the frozen compile (inductor `freezing`), as `ldm-tune generate --compile-frozen` runs.
+Also times
 the whole `ldm-tune generate` command. Prints the machine and its fp32 matmul ceiling, a markdown table, and writes
 JSON.
 Usage: python benchmarks/bench_inference.py [--repeats 5] [--quick] [--presets tiny sd15-arch]
@@ -29,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ldm_tune.host_memory import keep_freed_memory
 from ldm_tune.machine import describe_machine as measure_machine
 from ldm_tune.machine import machine_line
 
@@ -140,21 +144,27 @@ def lever_rows(ours, name: str, call: dict, repeats: int, reference_ips: float, 
     def run(seed):
         return ours.generate("a red circle", seed=seed, progress=False, output_type="np", **call)
 
+    def frozen_with_kept_memory():
+        keep_freed_memory()
+        ours.compile_unet(freeze=True)
+
     base = run(0)
-    # (context, switch on, switch off); torch.compile last: it stays on (the pipeline is dropped afterwards)
+    # (context, switch on, switch off); each compile stays on the UNet once switched on, so they come last, and
+    # the frozen one, with freed memory kept as `ldm-tune generate --compile-frozen` runs it, after the plain one
     levers = {
         "channels_last": (contextlib.nullcontext, ours.enable_channels_last, ours.disable_channels_last),
         "bf16 autocast": (lambda: torch.autocast("cpu", torch.bfloat16), lambda: None, lambda: None),
+        "kept freed memory": (contextlib.nullcontext, keep_freed_memory, lambda: keep_freed_memory(False)),
         "torch.compile": (contextlib.nullcontext, ours.compile_unet, torch._dynamo.reset),
         # inductor freezing: a compile of its own (dynamo's caches were reset after the plain one)
-        "torch.compile, frozen weights": (
+        "kept freed memory + torch.compile, frozen weights": (
             contextlib.nullcontext,
-            lambda: ours.compile_unet(freeze=True),
-            lambda: None,
+            frozen_with_kept_memory,
+            lambda: keep_freed_memory(False),
         ),
     }
     if not compile:  # --quick: a cold compile takes a minute or more
-        del levers["torch.compile"], levers["torch.compile, frozen weights"]
+        del levers["torch.compile"], levers["kept freed memory + torch.compile, frozen weights"]
     rows = []
     for lever, (context, switch_on, switch_off) in levers.items():
         switch_on()

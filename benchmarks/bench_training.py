@@ -2,8 +2,9 @@
 
 "reference" is ldm_tune set up as diffusers' train_text_to_image.py runs: the VAE and the text encoder encode
 every image and caption at every step, foreach AdamW (torch's default there), no caches, default memory format,
-no compile. "ours" is ldm_tune as it ships for a fine-tune: latent and text-embedding caches (each image and caption
-encoded once), fused AdamW. Each "ours + X" row adds one lever to "ours" (channels_last, torch.compile through
+no compile, glibc's default allocator. "ours" is ldm_tune as it ships for a fine-tune: latent and text-embedding caches (each image and caption
+encoded once), fused AdamW, freed memory kept for reuse (ldm_tune.host_memory; "ours, glibc default allocator"
+measures it). Each "ours + X" row adds one lever to "ours" (channels_last, torch.compile through
 Accelerate with a cold inductor cache, the math attention backend instead of CPU flash attention, pinned OpenMP
 threads, DataLoader workers, bf16 autocast). All train the same model on the same shapes data with the same seed;
 each run is a child process (its own peak RSS), the configurations alternate, and each is repeated `--repeats` times.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -37,9 +39,12 @@ CACHES = ["data.cache_latents=true", "data.cache_text_embeddings=true"]
 COMPILE = {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"}
 # name: (training overrides, environment, switch applied in the child). "ours" is what ships; each "ours + X" row
 # is one lever measured on top of it, kept in the product only where the table shows it helps.
+# The diffusers example runs on glibc's default allocator; ours keeps freed memory (ldm_tune.host_memory).
+DEFAULT_MALLOC = "training.keep_freed_memory=false"
 CONFIGS = {
-    "reference": ([], {}, "foreach_adamw"),
+    "reference": ([DEFAULT_MALLOC], {}, "foreach_adamw"),
     "ours": (CACHES, {}, None),
+    "ours, glibc default allocator": ([*CACHES, DEFAULT_MALLOC], {}, None),
     "ours + channels_last": (CACHES, {}, "channels_last"),
     "ours + torch.compile": (CACHES, COMPILE, None),
     "ours, math SDPA": (CACHES, {}, "math_sdpa"),
@@ -48,8 +53,11 @@ CONFIGS = {
     "ours + 2 loader workers": ([*CACHES, "data.dataloader_num_workers=2"], {}, None),
     "ours + bf16 autocast": ([*CACHES, "training.mixed_precision=bf16"], {}, None),
 }
-# sd15-arch: each run takes minutes, so the pair and the one lever that can change its verdict (AMX bf16).
-DEFAULT_CONFIGS = {"tiny": list(CONFIGS), "sd15-arch": ["reference", "ours", "ours + bf16 autocast"]}
+# sd15-arch: each run takes minutes, so the pair and the levers that can change its verdict (allocator, AMX bf16).
+DEFAULT_CONFIGS = {
+    "tiny": list(CONFIGS),
+    "sd15-arch": ["reference", "ours", "ours, glibc default allocator", "ours + bf16 autocast"],
+}
 
 
 def apply_switch(switch: str | None) -> None:
@@ -177,6 +185,8 @@ def main() -> None:
             # (A folder name without spaces: inductor passes it to g++ unquoted.)
             env = {**CONFIGS[name][1], "TORCHINDUCTOR_CACHE_DIR": f"{run_dir}-inductor"}
             runs[name].append(in_child(__file__, child, name, env))
+            for folder in (run_dir, f"{run_dir}-cache", env["TORCHINDUCTOR_CACHE_DIR"]):  # sd15-arch: ~17 GB a run
+                shutil.rmtree(folder, ignore_errors=True)
             print(f"  {name} #{repeat + 1}: {runs[name][-1]}", flush=True)
     table = {name: summarize(r) for name, r in runs.items()}
     reference = table["reference"]

@@ -147,6 +147,9 @@ class TrainingConfig:
     )
     text_encoder_lr: float | None = _f(None, "Learning rate of the text-encoder adapters; null: learning_rate.")
     allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere+ GPUs.")
+    keep_freed_memory: bool = _f(
+        True, "Keep freed host memory for the next step (glibc; see ldm_tune.host_memory): no page faults per step."
+    )
     use_ema: bool = _f(False, "Keep an exponential moving average of the UNet weights (exported at the end).")
     ema_decay: float = _f(0.9999, "Maximum EMA decay.")
     snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (arXiv 2303.09556); 5.0 is recommended.")

@@ -303,8 +303,10 @@ def _name_flags(error: ValueError) -> ValueError:
 def _load_pipeline(settings: dict):
     """The model on its device, with the sampler and every memory and speed switch of the settings."""
     from ldm_tune.components import default_dtype
+    from ldm_tune.host_memory import keep_freed_memory
     from ldm_tune.inference import LDMInference
 
+    keep_freed_memory()  # a process of its own: no page faults for each step's large activations on a CPU
     device = _check_device(settings["device"])
     pipe = LDMInference.from_pretrained(
         settings["model"],

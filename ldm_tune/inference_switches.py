@@ -16,10 +16,9 @@ accelerate or torch.
   -17 % on the SD 1.5 architecture at 256 px (2026-12-01, Xeon AVX-512), images within 7.2e-6.
 - `compile_unet`: `torch.compile` of the UNet in place (`nn.Module.compile`): the module keeps its type, config and
   LoRA loading; the first call compiles. `freeze=True` adds inductor's `freezing` (the weights become constants
-  of the compiled code, so oneDNN can pre-pack them), the setting Intel's CPU inference guides use; `make bench`
-  measured x1.47 images/s against diffusers on the tiny preset (plain compile x1.36) but x0.69 on the SD 1.5
-  architecture at 256 px (plain x0.70), images within 4e-6. The weights are then fixed: LoRAs are loaded and scaled
-  before.
+  of the compiled code, so oneDNN can pre-pack them), the setting Intel's CPU inference guides use (it is
+  process-wide: `torch._inductor.config.freezing`); see the README's speed table. The weights are then fixed:
+  LoRAs are loaded and scaled before.
 
 The switches that can change pixels (tiling, attention slicing, compile) are recorded in the parameters JSON
 (`switches`); `ldm-tune generate --from-png` turns tiling and attention slicing on again.
@@ -122,7 +121,15 @@ class SpeedSwitchesMixin:
         be loaded or rescaled afterwards."""
         if freeze and mode is not None:  # torch.compile takes a mode or inductor options, not both
             raise ValueError(f"`mode` must be None with `freeze=True`, got {mode!r}.")
-        self.unet.compile(fullgraph=fullgraph, **({"options": {"freezing": True}} if freeze else {"mode": mode}))
+        if freeze:
+            # Process-wide, as Intel's guides set it: dynamo reads the switch when it traces (at the first call) to
+            # keep the weights out of the graph's inputs. Passed as `options={"freezing": True}` it reaches only
+            # inductor, and the weights stayed inputs: 1.88 s per SD 1.5 UNet call at 256 px, not 1.40 (same host).
+            # It applies to compiles without autograd only.
+            import torch._inductor.config
+
+            torch._inductor.config.freezing = True
+        self.unet.compile(fullgraph=fullgraph, mode=mode)
         self._compile_mode = "freezing" if freeze else mode or "default"
 
     def _check_weights_not_frozen(self, action: str) -> None:

@@ -32,6 +32,7 @@ from ldm_tune.data.loaders import build_loaders
 from ldm_tune.data.streaming import MainProcessStream
 from ldm_tune.finetune import LORA_WEIGHT_NAME, make_method
 from ldm_tune.guards import NonFiniteLossError, UpdateGuardMixin
+from ldm_tune.host_memory import keep_freed_memory
 from ldm_tune.io_utils import save_atomically
 from ldm_tune.losses import denoising_loss, draw
 from ldm_tune.pixel_space import make_space
@@ -77,6 +78,8 @@ class Trainer(ValidationMixin, UpdateGuardMixin):
     def __init__(self, config: TrainConfig):
         self.config = config
         t = config.training
+        if t.keep_freed_memory:  # before anything large is allocated
+            keep_freed_memory()
         self.output_dir = Path(config.output_dir)
         log_with = make_accelerator_trackers(config.logging.report_to)
         # Accelerate only sets up CPU multi-process training (gloo) when told it runs on the CPU; a plain
