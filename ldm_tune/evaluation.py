@@ -19,6 +19,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ldm_tune.data.shapes import COLORS, PALETTE, SHAPES
+from ldm_tune.host_memory import keep_freed_memory
 
 
 logger = logging.getLogger(__name__)
@@ -293,6 +294,7 @@ def run_evaluate(args) -> None:
         prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     else:
         prompts = default_prompts()
+    keep_freed_memory()  # a process of its own: no page faults for each step's large activations on a CPU
     result = evaluate(
         args.model,
         prompts,
