@@ -2,11 +2,11 @@
 
 "reference" is ldm_tune set up as diffusers' train_text_to_image.py runs: the VAE and the text encoder encode
 every image and caption at every step, foreach AdamW (torch's default there), no caches, default memory format,
-no compile, glibc's default allocator. "ours" is ldm_tune as it ships for a fine-tune: latent and text-embedding caches (each image and caption
-encoded once), fused AdamW, freed memory kept for reuse (ldm_tune.host_memory; "ours, glibc default allocator"
-measures it). Each "ours + X" row adds one lever to "ours" (channels_last, torch.compile through
-Accelerate with a cold inductor cache, the math attention backend instead of CPU flash attention, pinned OpenMP
-threads, DataLoader workers, bf16 autocast). All train the same model on the same shapes data with the same seed;
+no compile, glibc's default allocator. "ours" is ldm_tune as it ships for a fine-tune: latent and text-embedding
+caches (each image and caption encoded once), fused AdamW, freed memory kept for reuse (ldm_tune.host_memory;
+"ours, glibc default allocator" measures it). Each "ours + X" row adds one lever to "ours" (channels_last,
+torch.compile through Accelerate with a cold inductor cache, the math attention backend instead of CPU flash
+attention, pinned OpenMP threads, DataLoader workers, bf16 autocast). All train the same model on the same shapes data with the same seed;
 each run is a child process (its own peak RSS), the configurations alternate, and each is repeated `--repeats` times.
 
 Reports per configuration: steady samples/s (the median over updates after `--warmup`; the median and spread over

@@ -4,8 +4,8 @@ glibc serves each allocation above its mmap threshold (128 KiB, adapting up to 3
 unmaps it on free, so the next step's tensor of the same size is a fresh mapping that the kernel zero-fills page by
 page on first touch. On a CPU that is most of a large model's backward pass: SD 1.5's UNet has 3.4 GB of
 gradients, and its weight-gradient convolutions at 8x8 and 4x4 ran 15x slower than the forward ones while they
-faulted their outputs in (256 px training: 8.9 -> 5.0 s per update with this module; one UNet evaluation at
-inference: 1.95 -> 1.58 s; peak RSS unchanged). `benchmarks/bench_training.py` and `bench_inference.py` measure it.
+faulted their outputs in (256 px training: 8.5 -> 4.9 s per update with this module, peak RSS +6 %; one UNet
+evaluation at inference: 1.95 -> 1.58 s). `benchmarks/bench_training.py` and `bench_inference.py` measure it.
 
 PyTorch's CPU tuning guide fixes this by swapping the allocator (jemalloc or tcmalloc through LD_PRELOAD,
 https://pytorch.org/tutorials/recipes/recipes/tuning_guide.html#switch-memory-allocator); neither ships with the
@@ -15,7 +15,7 @@ from the heap, where a freed block is reused) and no trimming of the heap's free
 stays with the process (its RSS stays at its peak) rather than going back to the system between steps, and the heap
 takes a few steps to settle: PyTorch's 64-byte-aligned blocks do not fit the exact hole a freed block of the same
 size left, so a loop of one 64 MiB tensor held about 9 of them before it reused them (tests/test_host_memory.py);
-a training step's many tensors coalesce (peak RSS measured unchanged for SD 1.5, see the benchmark).
+a training step's many tensors coalesce (SD 1.5 above: +6 % peak RSS).
 """
 
 from __future__ import annotations

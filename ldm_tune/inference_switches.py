@@ -119,7 +119,7 @@ class SpeedSwitchesMixin:
         "max-autotune" searches kernels). The first generation compiles, later ones at the same shapes are faster.
         `freeze`: inductor's `freezing` (weights compiled in as constants; see the module docstring): LoRAs cannot
         be loaded or rescaled afterwards."""
-        if freeze and mode is not None:  # torch.compile takes a mode or inductor options, not both
+        if freeze and mode is not None:  # freezing is measured (bench_inference) with the default mode only
             raise ValueError(f"`mode` must be None with `freeze=True`, got {mode!r}.")
         if freeze:
             # Process-wide, as Intel's guides set it: dynamo reads the switch when it traces (at the first call) to
