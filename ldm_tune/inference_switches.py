@@ -12,8 +12,8 @@ accelerate or torch.
   `DiffusionPipeline.enable_model_cpu_offload` does: each model moves to the GPU when it is called and back to the
   CPU when the next one is, so one model at a time takes GPU memory.
 - `enable_channels_last`: the UNet's and VAE's weights in channels-last (NHWC) memory order, which oneDNN's CPU
-  convolutions take without reordering. Off by default: `make bench` measured +7 % images/s on the tiny preset but
-  -17 % on the SD 1.5 architecture at 256 px (2026-12-01, Xeon AVX-512), images within 7.2e-6.
+  convolutions take without reordering. Off by default: `make bench` measured +4-7 % images/s on the tiny preset but
+  -12 to -17 % on the SD 1.5 architecture at 256 px (2026-12-01, Xeon AVX-512), images within 7.2e-6.
 - `compile_unet`: `torch.compile` of the UNet in place (`nn.Module.compile`): the module keeps its type, config and
   LoRA loading; the first call compiles. `freeze=True` adds inductor's `freezing` (the weights become constants
   of the compiled code, so oneDNN can pre-pack them), the setting Intel's CPU inference guides use (it is
