@@ -19,6 +19,9 @@ def test_quick_demo_writes_every_artefact_and_resumes(tmp_path, monkeypatch):
     assert all(r["seconds_per_image"] > 0 and 0 <= r["joint"] <= 1 for r in samplers)
     report = (out / "report.md").read_text()
     assert "VAE validation PSNR" in report and "new concept (cyan)" in report and "Wall time" in report
+    # The new concept is scored on its own number of images per prompt (4 prompts: one per shape).
+    assert results["new_concept_images"] == 4 * DemoSettings.quick().new_concept_eval_images_per_prompt
+    assert f"after fine-tuning ({results['new_concept_images']} images)" in report
     assert "Machine: " in report and "GFLOP/s" in report and results["machine"]["fp32_matmul_gflops"] > 0
     assert "Estimated on the slow host type" in report
     assert {row["guidance"] for row in results["base"]} == {1.0, 3.0, 5.0, 7.5}
