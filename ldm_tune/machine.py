@@ -45,15 +45,18 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def describe_machine() -> dict:
-    """The CPU, its thread count and measured fp32 matmul ceiling (a second or two of matmuls)."""
-    return {"cpu": cpu_name(), "avx512": has_avx512(), "threads": torch.get_num_threads(),
+    """The CPU, its thread count, the vector width PyTorch's kernels use (`ATEN_CPU_CAPABILITY` can lower it below
+    what the CPU has, as the demo's AVX2 run did) and the measured fp32 matmul ceiling (a second or two of matmuls)."""
+    return {"cpu": cpu_name(), "avx512": has_avx512(), "kernels": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),
             "fp32_matmul_gflops": round(matmul_gflops(), 1), "torch": torch.__version__,
             "python": platform.python_version()}  # fmt: skip
 
 
 def machine_line(machine: dict) -> str:
-    return (f"{machine['cpu']}, {machine['threads']} threads, AVX-512 {machine['avx512']}, fp32 matmul ceiling "
-            f"{machine['fp32_matmul_gflops']} GFLOP/s, torch {machine['torch']}")  # fmt: skip
+    kernels = f" (kernels {machine['kernels']})" if "kernels" in machine else ""  # absent from older JSON
+    return (f"{machine['cpu']}, {machine['threads']} threads, AVX-512 {machine['avx512']}{kernels}, "
+            f"fp32 matmul ceiling {machine['fp32_matmul_gflops']} GFLOP/s, torch {machine['torch']}")  # fmt: skip
 
 
 # The demo's time target is for the slowest host type we run on: AVX2 only, fp32 matmul ceiling ~66 GFLOP/s on 2

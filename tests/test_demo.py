@@ -57,3 +57,25 @@ def test_slow_host_estimate_follows_the_measured_pair_of_hosts():
     assert slow_host_estimate(60.0, {"fp32_matmul_gflops": 400.0}) > slow_host_estimate(
         60.0, {"fp32_matmul_gflops": 200.0}
     )
+
+
+def test_the_machine_line_names_the_kernels_torch_uses():
+    """A run with its vector width lowered (as the demo's AVX2 run) says so, though /proc/cpuinfo lists AVX-512."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from ldm_tune.machine import describe_machine, machine_line; print(machine_line(describe_machine()))"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    line = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert "(kernels DEFAULT)" in line and "GFLOP/s" in line
+    from ldm_tune.machine import machine_line
+
+    old = {
+        "cpu": "x",
+        "threads": 2,
+        "avx512": False,
+        "fp32_matmul_gflops": 66.0,
+        "torch": "2",
+    }  # JSON before "kernels"
+    assert "kernels" not in machine_line(old)
