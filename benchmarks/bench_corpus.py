@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
 
 from bench_inference import describe_machine, in_child, work_folder
+
+from ldm_tune.machine import peak_rss_mib
 
 
 def write_list(folder: Path, rows: int, distinct: int) -> Path:
@@ -42,7 +43,7 @@ def build_index(pairs: str, cache: str) -> dict:
 
     rows, facts = open_pair_list(pairs, Path(cache))
     return {"set_up_s": time.perf_counter() - start, "rows": len(rows),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+            "peak_rss_mib": peak_rss_mib()}  # fmt: skip
 
 
 def run_one(model: str, pairs: str, verify: str, out: str, cache: str, index_only: bool = False) -> dict:
@@ -70,7 +71,7 @@ def run_one(model: str, pairs: str, verify: str, out: str, cache: str, index_onl
     trainer._after_update = first_update_done
     trainer.train()
     return {"set_up_s": ready, "first_step_s": stepped[0],
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+            "peak_rss_mib": peak_rss_mib()}  # fmt: skip
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ channels-last weights, bf16 autocast (this CPU may have AVX-512-BF16/AMX: measur
 the UNet (inductor, cold cache; its first call, the compile, is reported), freed memory kept for reuse
 (ldm_tune.host_memory, which `ldm-tune generate` applies; the rows before it and diffusers run on glibc's default
 allocator), and that with the frozen compile (inductor `freezing`), as `ldm-tune generate --compile-frozen` runs.
-Also times the whole `ldm-tune generate` command. Prints the machine and its fp32 matmul ceiling, a markdown table, and writes
+For sd15-arch, diffusers and our pipeline also run once more, each configuration in a fresh process. Also times the whole `ldm-tune generate` command. Prints the machine and its fp32 matmul ceiling, a markdown table, and writes
 JSON.
 Usage: python benchmarks/bench_inference.py [--repeats 5] [--quick] [--presets tiny sd15-arch]
 [--out outputs/bench/inference.json]
@@ -33,7 +33,7 @@ import torch
 
 from ldm_tune.host_memory import keep_freed_memory
 from ldm_tune.machine import describe_machine as measure_machine
-from ldm_tune.machine import machine_line
+from ldm_tune.machine import machine_line, peak_rss_mib
 
 
 def describe_machine() -> dict:
@@ -177,6 +177,66 @@ def lever_rows(ours, name: str, call: dict, repeats: int, reference_ips: float, 
     return rows
 
 
+# Each in a process of its own, as a user runs one of them (in one process, the rows before a lever change its
+# figure: glibc's heap state and page faults carry over from call to call).
+FRESH_CONFIGS = ("diffusers", "ours", "ours, kept freed memory", "ours, kept freed memory + frozen compile")
+
+
+def run_child(child: dict) -> None:
+    """One configuration of `fresh_process_rows`, in this fresh process: prints its RESULT line, saves its images."""
+    from ldm_tune.schedulers import make_scheduler
+
+    model, config, call = Path(child["model"]), child["config"], child["call"]
+    if config == "diffusers":
+        from diffusers import StableDiffusionPipeline
+
+        theirs = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+        theirs.set_progress_bar_config(disable=True)
+        theirs.scheduler = make_scheduler(child["sampler"], theirs.scheduler.config)
+        count = call["num_images_per_prompt"]
+
+        def run(seed):
+            generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
+            return theirs("a red circle", generator=generators, output_type="np", **call).images
+    else:
+        from ldm_tune.inference import LDMInference
+
+        ours = LDMInference.from_pretrained(model, device="cpu")
+        ours.set_scheduler(child["sampler"])
+        if "kept" in config:
+            keep_freed_memory()
+        if "frozen" in config:
+            ours.compile_unet(freeze=True)
+
+        def run(seed):
+            return ours.generate("a red circle", seed=seed, progress=False, output_type="np", **call)
+
+    times, images, first = _timed(run, child["repeats"])
+    np.save(child["images"], images)
+    peak = peak_rss_mib()
+    print("RESULT " + json.dumps({"times": times, "first_call_s": first, "peak_rss_mib": peak}))
+
+
+def fresh_process_rows(model: Path, sampler: str, call: dict, repeats: int, work: Path) -> list[dict]:
+    """`FRESH_CONFIGS`, each in a fresh process: seconds per image, the ratio to diffusers, peak RSS and the max pixel
+    difference to diffusers' images."""
+    rows, images = [], {}
+    for config in FRESH_CONFIGS:
+        path = work / f"fresh-{len(rows)}.npy"
+        child = {"model": str(model), "config": config, "call": call, "sampler": sampler, "repeats": repeats,
+                 "images": str(path)}  # fmt: skip
+        result = in_child(__file__, child, f"{config} in a fresh process")
+        images[config] = np.load(path)
+        seconds = statistics.median(result["times"]) / call["num_images_per_prompt"]
+        rows.append({"configuration": config, "sampler": sampler, "seconds_per_image": round(seconds, 3),
+                     "times": [round(t, 3) for t in result["times"]], "first_call_s": round(result["first_call_s"], 1),
+                     "peak_rss_mib": round(result["peak_rss_mib"]),
+                     "max_pixel_diff_to_diffusers": float(np.abs(images[config] - images["diffusers"]).max())})  # fmt: skip
+    for row in rows:
+        row["speed_vs_diffusers"] = round(rows[0]["seconds_per_image"] / row["seconds_per_image"], 3)
+    return rows
+
+
 def print_table(machine: dict, results: dict) -> None:
     print(f"\n{time.strftime('%Y-%m-%d')}, {machine['cpu']}, {machine['threads']} threads, AVX-512 "
           f"{machine['avx512']}, fp32 matmul ceiling {machine['fp32_matmul_gflops']} GFLOP/s")  # fmt: skip
@@ -194,6 +254,15 @@ def print_table(machine: dict, results: dict) -> None:
                 f"| {preset} | {r['lever']} ({r['sampler']}) | {r['images_per_s']:.3f} | x{r['ratio_to_diffusers']:.2f} "
                 f"| {r['first_call_s']:.1f} | {r['max_pixel_diff_to_fp32']:.1e} |"
             )
+    fresh = [(preset, r) for preset, block in results.items() for r in block.get("fresh_processes", [])]
+    if fresh:
+        print("\n| preset | configuration, fresh process each (sampler) | s / image | speed vs diffusers | first call s "
+              "| peak RSS MiB | max pixel diff to diffusers |")  # fmt: skip
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for preset, r in fresh:
+            print(f"| {preset} | {r['configuration']} ({r['sampler']}) | {r['seconds_per_image']:.2f} "
+                  f"| x{r['speed_vs_diffusers']:.2f} | {r['first_call_s']:.1f} | {r['peak_rss_mib']:,} "
+                  f"| {r['max_pixel_diff_to_diffusers']:.1e} |")  # fmt: skip
 
 
 def main() -> None:
@@ -202,7 +271,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny preset only, 3 samplers, 3 repeats")
     parser.add_argument("--presets", nargs="+", choices=list(SETTINGS), help="only these presets (default: both)")
     parser.add_argument("--out", default="outputs/bench/inference.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return run_child(json.loads(args.child))
     from ldm_tune.schedulers import scheduler_names
 
     machine = describe_machine()
@@ -223,6 +295,8 @@ def main() -> None:
                             rows[0]["diffusers_images_per_s"], compile=not args.quick)  # fmt: skip
         results[preset] = {"setting": call, "rows": rows, "levers": levers, "model": str(model)}
         del ours, theirs
+        if preset == "sd15-arch":
+            results[preset]["fresh_processes"] = fresh_process_rows(model, rows[0]["sampler"], call, 3, work)
 
     cli_times = []
     if "tiny" in results:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 from bench_inference import describe_machine, work_folder
+
+from ldm_tune.machine import peak_rss_mib
 
 
 PRESETS = {  # preset -> (resolution, batch size)
@@ -60,7 +61,7 @@ def run_one(model: str, data: str, resolution: int, batch: int, steps: int, meth
         "optimizer_state_bytes": state_bytes,
         "checkpoint_bytes": folder_bytes(Path(out) / f"checkpoint-{steps}"),
         "export_bytes": sum(folder_bytes(p) if p.is_dir() else p.stat().st_size for p in exported if p.exists()),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": round(peak_rss_mib() * 2**20),
         "seconds_per_step": [batch / r for r in rates],
     }
 

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import time
 from pathlib import Path
 
 from bench_inference import describe_machine, in_child, work_folder
+
+from ldm_tune.machine import peak_rss_mib
 
 
 CACHES = ["data.cache_latents=true", "data.cache_text_embeddings=true"]
@@ -131,7 +132,7 @@ def run_child(name: str, model: str, data: str, out: str, steps: int, warmup: in
     trainer.train()
     rates = [r["samples_per_s"] for r in read_metrics(Path(out) / "metrics.jsonl") if "samples_per_s" in r]
     return {"samples_per_s": statistics.median(rates[warmup:]), "start_up_s": first[0],
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+            "peak_rss_mib": peak_rss_mib()}  # fmt: skip
 
 
 def summarize(runs: list[dict]) -> dict:

@@ -53,6 +53,22 @@ def describe_machine() -> dict:
             "python": platform.python_version()}  # fmt: skip
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set in MiB: Linux's VmHWM, which starts afresh with each program (`exec`).
+    `getrusage(RUSAGE_SELF).ru_maxrss` does not: a benchmark's child reported its parent's 16 GiB (two SD 1.5
+    pipelines held at the fork) as its own peak. Elsewhere (no /proc), ru_maxrss (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as handle:
+            line = next(x for x in handle if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024  # kB
+    except (OSError, StopIteration):
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
 def machine_line(machine: dict) -> str:
     kernels = f" (kernels {machine['kernels']})" if "kernels" in machine else ""  # absent from older JSON
     return (f"{machine['cpu']}, {machine['threads']} threads, AVX-512 {machine['avx512']}{kernels}, "

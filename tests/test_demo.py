@@ -79,3 +79,20 @@ def test_the_machine_line_names_the_kernels_torch_uses():
         "torch": "2",
     }  # JSON before "kernels"
     assert "kernels" not in machine_line(old)
+
+
+def test_peak_rss_is_the_child_process_own_not_its_parents():
+    """A benchmark's child reported its parent's 16 GiB as its own peak: ru_maxrss carries over fork and exec."""
+    import subprocess
+    import sys
+
+    from ldm_tune.machine import peak_rss_mib
+
+    held = bytearray(1024 * 2**20)
+    for i in range(0, len(held), 4096):  # touch every page: 1 GiB resident in this (the parent) process
+        held[i] = 1
+    assert peak_rss_mib() >= 1024
+    code = "from ldm_tune.machine import peak_rss_mib; print(peak_rss_mib())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0 < child < 768, child  # importing torch costs a few hundred MiB, not the parent's GiB
+    del held
