@@ -9,7 +9,8 @@ channels-last weights, bf16 autocast (this CPU may have AVX-512-BF16/AMX: measur
 the UNet (inductor, cold cache; its first call, the compile, is reported), freed memory kept for reuse
 (ldm_tune.host_memory, which `ldm-tune generate` applies; the rows before it and diffusers run on glibc's default
 allocator), and that with the frozen compile (inductor `freezing`), as `ldm-tune generate --compile-frozen` runs.
-For sd15-arch, diffusers and our pipeline also run once more, each configuration in a fresh process. Also times the whole `ldm-tune generate` command. Prints the machine and its fp32 matmul ceiling, a markdown table, and writes
+For sd15-arch, diffusers and our pipeline also run once more, each configuration in a fresh process. Also times
+the whole `ldm-tune generate` command. Prints the machine and its fp32 matmul ceiling, a markdown table, and writes
 JSON.
 Usage: python benchmarks/bench_inference.py [--repeats 5] [--quick] [--presets tiny sd15-arch]
 [--out outputs/bench/inference.json]
