@@ -107,6 +107,21 @@ def _timed(fn, repeats: int) -> tuple[list[float], object, float]:
     return [time_call(lambda i=i: fn(i + 1)) for i in range(repeats)], result, first
 
 
+def ours_runner(ours, call: dict):
+    """`seed -> images` of our pipeline for the benchmark's prompt and call."""
+    return lambda seed: ours.generate("a red circle", seed=seed, progress=False, output_type="np", **call)
+
+
+def theirs_runner(theirs, call: dict):
+    """`seed -> images` of diffusers' pipeline, on our per-image seeds (seed + i on CPU generators)."""
+
+    def run(seed):
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(call["num_images_per_prompt"])]
+        return theirs("a red circle", generator=generators, output_type="np", **call).images
+
+    return run
+
+
 def sampler_row(ours, theirs, name: str, call: dict, repeats: int) -> dict:
     """ours vs diffusers for one sampler: alternating calls, medians, and the max pixel difference."""
     from ldm_tune.schedulers import make_scheduler
@@ -114,14 +129,7 @@ def sampler_row(ours, theirs, name: str, call: dict, repeats: int) -> dict:
     ours.set_scheduler(name)
     theirs.scheduler = make_scheduler(name, ours.base_scheduler_config)
     count = call["num_images_per_prompt"]
-
-    def run_ours(seed):
-        return ours.generate("a red circle", seed=seed, progress=False, output_type="np", **call)
-
-    def run_theirs(seed):  # our per-image seeds (seed + i on CPU generators), as diffusers takes them
-        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
-        return theirs("a red circle", generator=generators, output_type="np", **call).images
-
+    run_ours, run_theirs = ours_runner(ours, call), theirs_runner(theirs, call)
     a, b = run_ours(0), run_theirs(0)
     t_ours, t_theirs = [], []
     for i in range(repeats):  # alternating, so that drift hits both alike
@@ -140,9 +148,7 @@ def lever_rows(ours, name: str, call: dict, repeats: int, reference_ips: float, 
 
     ours.set_scheduler(name)
     count = call["num_images_per_prompt"]
-
-    def run(seed):
-        return ours.generate("a red circle", seed=seed, progress=False, output_type="np", **call)
+    run = ours_runner(ours, call)
 
     def frozen_with_kept_memory():
         keep_freed_memory()
@@ -194,11 +200,7 @@ def run_child(child: dict) -> None:
         theirs = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
         theirs.set_progress_bar_config(disable=True)
         theirs.scheduler = make_scheduler(child["sampler"], theirs.scheduler.config)
-        count = call["num_images_per_prompt"]
-
-        def run(seed):
-            generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
-            return theirs("a red circle", generator=generators, output_type="np", **call).images
+        run = theirs_runner(theirs, call)
     else:
         from ldm_tune.inference import LDMInference
 
@@ -208,10 +210,7 @@ def run_child(child: dict) -> None:
             keep_freed_memory()
         if "frozen" in config:
             ours.compile_unet(freeze=True)
-
-        def run(seed):
-            return ours.generate("a red circle", seed=seed, progress=False, output_type="np", **call)
-
+        run = ours_runner(ours, call)
     times, images, first = _timed(run, child["repeats"])
     np.save(child["images"], images)
     peak = peak_rss_mib()
