@@ -44,6 +44,7 @@ bench: install
 		--batch-size 1 --out outputs/bench/training-sd15.json
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_data.py --out outputs/bench/data.json
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_lora.py --out outputs/bench/lora.json
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_ema.py --out outputs/bench/ema.json
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_corpus.py --out outputs/bench/corpus.json
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_fuzz.py --cases 10000 --out outputs/bench/fuzz.json
 

@@ -53,11 +53,22 @@ CONFIGS = {
     "ours + pinned threads": (CACHES, {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}, None),
     "ours + 2 loader workers": ([*CACHES, "data.dataloader_num_workers=2"], {}, None),
     "ours + bf16 autocast": ([*CACHES, "training.mixed_precision=bf16"], {}, None),
+    # EMA of the weights (configs/sd15.yaml turns it on): ldm_tune's in-place update against diffusers' EMAModel.step
+    "ours + EMA": ([*CACHES, "training.use_ema=true"], {}, None),
+    "ours + EMA, diffusers' EMAModel.step": ([*CACHES, "training.use_ema=true"], {}, "diffusers_ema_step"),
 }
-# sd15-arch: each run takes minutes, so the pair and the levers that can change its verdict (allocator, AMX bf16).
+# sd15-arch: each run takes minutes, so the pair and the levers that can change its verdict (allocator, AMX bf16,
+# the EMA update).
 DEFAULT_CONFIGS = {
     "tiny": list(CONFIGS),
-    "sd15-arch": ["reference", "ours", "ours, glibc default allocator", "ours + bf16 autocast"],
+    "sd15-arch": [
+        "reference",
+        "ours",
+        "ours, glibc default allocator",
+        "ours + bf16 autocast",
+        "ours + EMA",
+        "ours + EMA, diffusers' EMAModel.step",
+    ],
 }
 
 
@@ -77,6 +88,12 @@ def apply_switch(switch: str | None) -> None:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         sdpa_kernel(SDPBackend.MATH).__enter__()
+    elif switch == "diffusers_ema_step":  # the EMA update as diffusers' EMAModel does it (per-tensor loop)
+        from diffusers.training_utils import EMAModel
+
+        from ldm_tune.ema import ForeachEMA
+
+        ForeachEMA.step = EMAModel.step
 
 
 # preset: (image size, extra training overrides)

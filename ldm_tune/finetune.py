@@ -14,17 +14,16 @@ final export are written.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 
 import torch
-from diffusers.training_utils import EMAModel, cast_training_params
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
-from safetensors.torch import load_file, save_file
 
 from ldm_tune.components import select_trainable
+from ldm_tune.ema import ForeachEMA, load_ema, save_ema
 from ldm_tune.lora_files import LORA_WEIGHT_NAME, load_lora_into_adapters, save_lora, training_metadata
 
 
@@ -50,9 +49,9 @@ class FullFineTune:
     def ema_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.trainer.model.parameters())
 
-    def make_ema(self) -> EMAModel:
+    def make_ema(self) -> ForeachEMA:
         module = self.trainer.saved_module(self.trainer.model)
-        return EMAModel(self.ema_parameters(), decay=self.config.ema_decay, model_cls=self.trainer.model_cls,
+        return ForeachEMA(self.ema_parameters(), decay=self.config.ema_decay, model_cls=self.trainer.model_cls,
                         model_config=module.config)  # fmt: skip
 
     # Whole models go into checkpoints in diffusers format (unet/, unet_ema/), so a checkpoint is also loadable for
@@ -76,7 +75,7 @@ class FullFineTune:
             loaded = tr.model_cls.from_pretrained(input_dir, subfolder=tr.model_folder, use_safetensors=True)
             model.load_state_dict(loaded.state_dict())
         if tr.ema is not None:
-            loaded = EMAModel.from_pretrained(Path(input_dir) / f"{tr.model_folder}_ema", tr.model_cls)
+            loaded = ForeachEMA.from_pretrained(Path(input_dir) / f"{tr.model_folder}_ema", tr.model_cls)
             tr.ema.load_state_dict(loaded.state_dict())
             tr.ema.to(tr.accelerator.device)
 
@@ -152,8 +151,8 @@ class LoRAFineTune:
             self._trained = [p for group in self.param_groups() for p in group["params"]]
         return self._trained
 
-    def make_ema(self) -> EMAModel:
-        return EMAModel(self.ema_parameters(), decay=self.config.ema_decay)
+    def make_ema(self) -> ForeachEMA:
+        return ForeachEMA(self.ema_parameters(), decay=self.config.ema_decay)
 
     def save_checkpoint(self, models, weights, output_dir) -> None:
         tr = self.trainer
@@ -187,25 +186,6 @@ class LoRAFineTune:
                 os.replace(Path(tmp) / name, out / name)
         trainable = sum(p.numel() for p in self.ema_parameters())
         return {"lora_files": files, "trainable_parameters": trainable}
-
-
-def save_ema(ema: EMAModel, folder: Path) -> None:
-    """An `EMAModel` of adapter weights as safetensors (the averages) plus JSON (its counters): no pickle."""
-    folder.mkdir(parents=True, exist_ok=True)
-    state = ema.state_dict()
-    shadow = state.pop("shadow_params")
-    save_file({f"shadow.{i}": p.detach().cpu().contiguous() for i, p in enumerate(shadow)}, folder / "ema.safetensors")
-    (folder / "ema.json").write_text(json.dumps(state))
-
-
-def load_ema(ema: EMAModel, folder: Path) -> None:
-    state = json.loads((folder / "ema.json").read_text())
-    tensors = load_file(folder / "ema.safetensors")
-    if len(tensors) != len(ema.shadow_params):
-        raise ValueError(
-            f"{str(folder)!r} holds {len(tensors)} EMA tensors, the adapters have {len(ema.shadow_params)}."
-        )
-    ema.load_state_dict({**state, "shadow_params": [tensors[f"shadow.{i}"] for i in range(len(tensors))]})
 
 
 METHODS = {"full": FullFineTune, "lora": LoRAFineTune}
