@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
-from bench_inference import describe_machine
+from bench_inference import describe_machine, in_child
 from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
@@ -99,12 +97,7 @@ def main() -> None:
     for preset in args.presets.split(","):
         for name in IMPLEMENTATIONS:
             child = {"preset": preset, "implementation": name, "steps": args.steps}
-            result = subprocess.run([sys.executable, __file__, "--child", json.dumps(child)], capture_output=True,
-                                    text=True, check=False)  # fmt: skip
-            line = next((x for x in result.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                raise RuntimeError(f"{preset} {name} failed:\n{result.stderr[-3000:]}")
-            rows.append({"preset": preset, "implementation": name, **json.loads(line[7:])})
+            rows.append({"preset": preset, "implementation": name, **in_child(__file__, child, f"{preset} {name}")})
             print(f"  {preset} {name}: {rows[-1]['median_ms']:.2f} ms", flush=True)
     print(f"\nfp32, CPU, each implementation in its own process, median of {args.steps - 1} EMA steps after one "
           "warm-up; extra = what the first step added to the peak RSS (its temporaries)")  # fmt: skip
