@@ -48,8 +48,7 @@ def training_rate(work: Path, model: Path, data: Path, cached: bool, steps: int,
                  f"training.max_train_steps={steps}", "training.lr_warmup_steps=0", "logging.logging_steps=1",
                  f"checkpointing.checkpointing_steps={steps}", f"output_dir={work / name}",
                  f"data.cache_dir={work / 'cache'}"]  # fmt: skip
-    if cached:
-        overrides += ["data.cache_latents=true", "data.cache_text_embeddings=true"]
+    overrides += [f"data.cache_latents={str(cached).lower()}", f"data.cache_text_embeddings={str(cached).lower()}"]
     train(load_config(None, overrides))
     rates = [r["samples_per_s"] for r in read_metrics(work / name / "metrics.jsonl") if "samples_per_s" in r]
     return statistics.median(rates[warmup:])

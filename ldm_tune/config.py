@@ -82,8 +82,16 @@ class DataConfig:
     )
     bucketing: bool = _f(False, "Aspect-ratio buckets of about resolution^2 pixels; each batch from one bucket.")
     bucket_step: int = _f(64, "Bucket sides are multiples of this many pixels.")
-    cache_latents: bool = _f(False, "Encode every image (and its flip) once through the VAE and train from disk.")
-    cache_text_embeddings: bool = _f(False, "Encode every caption (and the empty one) once through the text encoder.")
+    cache_latents: bool | None = _f(
+        None,
+        "Encode every image (and its flip) once through the VAE and train from disk; unset: on where valid and "
+        "cheaper (ldm_tune.data.cache_policy).",
+    )
+    cache_text_embeddings: bool | None = _f(
+        None,
+        "Encode every caption (and the empty one) once through the text encoder; unset: on where valid and "
+        "cheaper (ldm_tune.data.cache_policy).",
+    )
     cache_batch_size: int = _f(16, "Batch size when filling the latent and text caches.")
     cache_memory_mib: float = _f(1024, "Keep up to this many MiB of cache files in RAM once read (per loader worker).")
     download_workers: int = _f(8, "Parallel downloads for http(s) images.")

@@ -1,6 +1,7 @@
 """Run by test_data.py under torchrun with 2 CPU processes: records which items each rank sees, then trains."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,10 @@ from ldm_tune.training import Trainer
 
 def main() -> None:
     out, overrides = Path(sys.argv[1]), sys.argv[2:]
+    if os.environ.get("LDM_TUNE_TEST_NO_DISK_ON_RANK1") and os.environ.get("RANK") == "1":
+        import ldm_tune.data.loaders as loaders  # this rank alone would find no room for a cache
+
+        loaders.free_bytes = lambda root: 0
     trainer = Trainer(load_config(None, overrides))
     rank = trainer.accelerator.process_index
     seen = {}
@@ -21,7 +26,8 @@ def main() -> None:
     trained = [p for group in trainer.optimizer.param_groups for p in group["params"]]
     result = {"seen": seen, "items": trainer.train_items, "processes": trainer.accelerator.num_processes,
               "steps": summary["global_step"], "best_val_loss": summary["best_val_loss"],
-              "trained_sum": sum(p.detach().double().sum().item() for p in trained)}  # fmt: skip
+              "trained_sum": sum(p.detach().double().sum().item() for p in trained),
+              "caches": [trainer.config.data.cache_latents, trainer.config.data.cache_text_embeddings]}  # fmt: skip
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 

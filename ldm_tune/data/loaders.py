@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader
 
+from ldm_tune.components import vae_scale_factor
 from ldm_tune.config import TrainConfig
 from ldm_tune.data.buckets import BucketBatchSampler
 from ldm_tune.data.cache import LatentCache, TextCache, fill_latent_cache, fill_text_cache, model_fingerprint
+from ldm_tune.data.cache_policy import (
+    FLOAT_BYTES,
+    free_bytes,
+    latent_choice,
+    record_choices,
+    resumed_choices,
+    samples_seen,
+    text_choice,
+)
 from ldm_tune.data.dataset import VALIDATION_EPOCH, TextImageDataset, collate
 from ldm_tune.data.download import download_options
 from ldm_tune.data.pipeline import PreparedData, default_cache_dir, prepare_data
@@ -61,6 +72,46 @@ def _distinct_images(dataset: TextImageDataset) -> SimpleNamespace:
         distinct.setdefault((item.sha256, size), item)
     return SimpleNamespace(source=dataset.source, interpolation=dataset.interpolation,
                            items=list(distinct.values()), sizes=[size for _, size in distinct])  # fmt: skip
+
+
+def _measured_choices(config, train_items: int, datasets, num_processes: int, vae, tokenizer, text_encoder) -> dict:
+    """The cache choices for this run's data (ldm_tune.data.cache_policy): what each cache would encode and store."""
+    d = config.data
+    streamed = d.streaming or d.train_shards is not None
+    seen = 0 if streamed else samples_seen(config, train_items, num_processes)
+    free = free_bytes(Path(d.cache_dir or default_cache_dir()))
+    flips = 2 if d.random_flip else 1
+    images = [_distinct_images(dataset) for dataset in datasets]
+    latent_bytes = 0
+    if vae is not None and getattr(vae, "encoder", None) is not None:
+        factor, channels = vae_scale_factor(vae), vae.config.latent_channels
+        latent_bytes = sum(2 * channels * (w // factor) * (h // factor) * FLOAT_BYTES * flips
+                           for distinct in images for w, h in distinct.sizes)  # fmt: skip
+    captions = {""} | {c for dataset in datasets for item in dataset.items for c in item.captions}
+    text_bytes = 0
+    if text_encoder is not None:
+        text_bytes = len(captions) * tokenizer.model_max_length * text_encoder.config.hidden_size * FLOAT_BYTES
+    return {
+        "latents": latent_choice(config, sum(len(x.items) for x in images) * flips, latent_bytes, seen, free),
+        "text": text_choice(config, len(captions), text_bytes, seen, free),
+    }
+
+
+def _choose_caches(config, accelerator, train, datasets, vae, tokenizer, text_encoder) -> dict:
+    """Settle `data.cache_latents` / `data.cache_text_embeddings` left unset: the main process decides (its disk is
+    measured; a resumed run keeps its first choice) and every process takes its decision."""
+    choices = None
+    if accelerator.is_main_process:
+        choices = resumed_choices(config) or _measured_choices(
+            config, len(train.items), datasets, accelerator.num_processes, vae, tokenizer, text_encoder
+        )
+        record_choices(config, choices)
+        for kind, choice in choices.items():
+            logger.info("%s cache %s: %s.", kind, "on" if choice.on else "off", choice.reason)
+    if accelerator.num_processes > 1:
+        choices = broadcast_object_list([choices], from_process=0)[0]
+    config.data.cache_latents, config.data.cache_text_embeddings = choices["latents"].on, choices["text"].on
+    return {kind: asdict(choice) for kind, choice in choices.items()}
 
 
 def _fill_caches(config, datasets, accelerator, tokenizer, vae, text_encoder, weight_dtype):
@@ -127,6 +178,9 @@ def build_loaders(config: TrainConfig, accelerator, tokenizer, vae, text_encoder
         (output / "data_report.json").write_text(json.dumps(reports, indent=2))
     train, validation = _datasets(config, data, tokenizer)
     datasets = ([] if streaming else [train]) + ([validation] if validation is not None else [])
+    caches = _choose_caches(config, accelerator, train, datasets, vae, tokenizer, text_encoder)
+    if accelerator.is_main_process:
+        (output / "data_report.json").write_text(json.dumps({**reports, "caches": caches}, indent=2))
     latents, texts = _fill_caches(config, datasets, accelerator, tokenizer, vae, text_encoder, weight_dtype)
     if streaming:
         loader = sampler = stream_loader(config, accelerator, train)
