@@ -7,8 +7,8 @@ A cache is on where it is valid and costs no more than it saves:
   latents), a streamed source (never stored) or `verify: lazy` (sizes unknown before training);
 - cheaper: filling it encodes every item once before step 1 (each image and its flip with `random_flip`; every
   caption and the empty one), where training without it encodes one per sample seen. A short run over a large
-  dataset (10k steps of batch 16 over a million images) would spend longer filling the cache than training, so the
-  cache is on only when the run sees at least as many samples as the cache has entries;
+  dataset (10k steps of batch 16 over a million images) would encode a million images before step 1 to spare 160k
+  encodes, so the cache is on only when the run sees at least as many samples as the cache has entries;
 - and it fits: the estimated files take at most half the free space under `data.cache_dir`.
 The choice and its reason are logged and written to `data_report.json`; set the key to true or false to decide.
 Every process takes the main process's decision (its disk is the one measured), so they fill caches together.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
@@ -96,7 +96,7 @@ CHOICES_FILE = "cache_choices.json"
 def record_choices(config, choices: dict[str, CacheChoice]) -> None:
     folder = Path(config.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / CHOICES_FILE).write_text(json.dumps({k: {"on": c.on, "reason": c.reason} for k, c in choices.items()}))
+    (folder / CHOICES_FILE).write_text(json.dumps({kind: asdict(choice) for kind, choice in choices.items()}))
 
 
 def resumed_choices(config) -> dict[str, CacheChoice] | None:
