@@ -83,7 +83,7 @@ def _measured_choices(config, train_items: int, datasets, num_processes: int, va
     flips = 2 if d.random_flip else 1
     images = [_distinct_images(dataset) for dataset in datasets]
     latent_bytes = 0
-    if vae is not None and getattr(vae, "encoder", None) is not None:
+    if vae is not None:  # pixel space has none
         factor, channels = vae_scale_factor(vae), vae.config.latent_channels
         latent_bytes = sum(2 * channels * (w // factor) * (h // factor) * FLOAT_BYTES * flips
                            for distinct in images for w, h in distinct.sizes)  # fmt: skip
@@ -175,7 +175,6 @@ def build_loaders(config: TrainConfig, accelerator, tokenizer, vae, text_encoder
         reports = {"train": data.report.to_dict() if not streaming else "streamed: counted during training"}
         if data.validation_report is not None:
             reports["validation"] = data.validation_report.to_dict()
-        (output / "data_report.json").write_text(json.dumps(reports, indent=2))
     train, validation = _datasets(config, data, tokenizer)
     datasets = ([] if streaming else [train]) + ([validation] if validation is not None else [])
     caches = _choose_caches(config, accelerator, train, datasets, vae, tokenizer, text_encoder)
